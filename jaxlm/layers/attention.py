@@ -1,0 +1,146 @@
+"""Causal multi-head attention with GQA/MQA, RoPE (full, partial or none), optional qk-norm.
+
+Shapes use suffixes: b batch, t query length, s key length, d embed, h query heads, g kv heads,
+r = h/g queries per kv head, k head dim. Query head h is served by kv head h // r (the order
+`jnp.repeat` would give), which is what reshaping q to [b, t, g, r, k] does without copying k/v.
+
+Masking: a query attends to key s when s ≤ its index (causal) and, if `segment_ids` are given,
+when both carry the same non-zero segment id (packed documents; 0 marks padding). Masked scores
+are filled with finfo(float32).min before a float32 softmax, as transformers does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.layers.norms import LayerNorm
+from jaxlm.layers.rotary import RopeConfig, apply_rotary, rope_cos_sin, rotary_dim
+
+
+def attention_mask(q_index_t, k_index_s, segment_ids_q=None, segment_ids_k=None):
+    """Boolean mask [b or 1, 1, 1, t, s]: causal by index, same non-zero segment if given."""
+    mask = (k_index_s[None, :] <= q_index_t[:, None])[None, None, None]
+    if segment_ids_q is not None:
+        same = segment_ids_q[:, :, None] == segment_ids_k[:, None, :]
+        same &= (segment_ids_k != 0)[:, None, :]
+        mask = mask & same[:, None, None]
+    return mask
+
+
+def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask, scale: float, dtype):
+    """softmax(q·kᵀ·scale + mask)·v with grouped kv heads; scores and softmax in float32."""
+    b, t, h, k = q_bthk.shape
+    g = k_bsgk.shape[2]
+    q_btgrk = (q_bthk * jnp.asarray(scale, q_bthk.dtype)).reshape(b, t, g, h // g, k)
+    scores_bgrts = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk,
+                              preferred_element_type=jnp.float32)
+    scores_bgrts = jnp.where(mask, scores_bgrts, jnp.finfo(jnp.float32).min)
+    probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(dtype)
+    out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs_bgrts, v_bsgk)
+    return out_btgrk.reshape(b, t, h, k)
+
+
+class HeadProjection(nn.Module):
+    """x [b, t, d] -> [b, t, heads, head_dim]; kernel [d, heads, head_dim] (+ bias [heads, head_dim])."""
+
+    heads: int
+    head_dim: int
+    heads_axis: str = "heads"
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd):
+        axes = ("embed", self.heads_axis, "head_dim")
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.init_std), axes),
+            (x_btd.shape[-1], self.heads, self.head_dim), self.param_dtype)
+        y_bthk = jnp.einsum("btd,dhk->bthk", x_btd, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                              (self.heads, self.head_dim), self.param_dtype)
+            y_bthk = y_bthk + bias.astype(self.dtype)
+        return y_bthk
+
+
+class OutProjection(nn.Module):
+    """[b, t, heads, head_dim] -> [b, t, features]; kernel [heads, head_dim, features]."""
+
+    features: int
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_bthk):
+        _, _, h, k = x_bthk.shape
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(self.init_std), ("heads", "head_dim", "embed")),
+            (h, k, self.features), self.param_dtype)
+        y_btd = jnp.einsum("bthk,hkd->btd", x_bthk, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   ("embed",)),
+                              (self.features,), self.param_dtype)
+            y_btd = y_btd + bias.astype(self.dtype)
+        return y_btd
+
+
+class Attention(nn.Module):
+    """Causal self-attention; returns [b, t, d]. Parameters: q_proj, k_proj, v_proj, o_proj
+    (and q_norm, k_norm with qk_norm)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: Optional[RopeConfig] = None  # None: no positional encoding (NoPE)
+    scale: Optional[float] = None  # None: head_dim ** -0.5
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+        h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
+        x_btd = x_btd.astype(self.dtype)
+
+        def proj(name, heads, axis):
+            return HeadProjection(heads, k, axis, self.qkv_bias, self.init_std, self.dtype,
+                                  self.param_dtype, name=name)(x_btd)
+
+        q_bthk = proj("q_proj", h, "heads")
+        k_btgk = proj("k_proj", g, "kv_heads")
+        v_btgk = proj("v_proj", g, "kv_heads")
+        if self.qk_norm:
+            q_bthk = LayerNorm(self.norm_eps, use_bias=False, axes=("heads", "head_dim"),
+                               param_dtype=self.param_dtype, name="q_norm")(q_bthk)
+            k_btgk = LayerNorm(self.norm_eps, use_bias=False, axes=("kv_heads", "head_dim"),
+                               param_dtype=self.param_dtype, name="k_norm")(k_btgk)
+        if self.rope is not None:
+            cos, sin = rope_cos_sin(positions_bt, self.rope, rotary_dim(k, self.rope.fraction),
+                                    self.dtype)
+            q_bthk = apply_rotary(q_bthk, cos, sin)
+            k_btgk = apply_rotary(k_btgk, cos, sin)
+        q_bthk = nn.with_logical_constraint(q_bthk, ("batch", "length", "heads", "head_dim"))
+        k_btgk = nn.with_logical_constraint(k_btgk, ("batch", "length", "kv_heads", "head_dim"))
+        v_btgk = nn.with_logical_constraint(v_btgk, ("batch", "length", "kv_heads", "head_dim"))
+
+        index_t = jnp.arange(x_btd.shape[1])
+        mask = attention_mask(index_t, index_t, segment_ids_bt, segment_ids_bt)
+        scale = self.scale if self.scale is not None else k ** -0.5
+        out_bthk = dot_product_attention(q_bthk, k_btgk, v_btgk, mask, scale, self.dtype)
+        out_bthk = nn.with_logical_constraint(out_bthk, ("batch", "length", "heads", "head_dim"))
+        return OutProjection(x_btd.shape[-1], self.out_bias, self.out_init_std, self.dtype,
+                             self.param_dtype, name="o_proj")(out_bthk)

@@ -1,0 +1,191 @@
+"""The decoder stack shared by every family.
+
+    tokens -> embed (× embedding_multiplier) -> blocks -> final norm -> logits (÷ logits_divisor)
+
+`layer_pattern` (e.g. "A", or "MMMA") is one *block*: a run of layers, each a mixer (attention
+or Mamba-2) followed by an FFN (dense SwiGLU, MoE, or none). The block repeats
+`num_layers / len(pattern)` times through `nn.scan`, so every block parameter carries a leading
+`layers` axis of that length and compile time does not grow with depth. Layer l of the model is
+slot `l % len(pattern)` of repeat `l // len(pattern)`:
+
+    params['blocks']['slot_0']['attention']['q_proj']['kernel']   # [repeats, embed, heads, head_dim]
+
+`apply` returns `(logits, aux)`: aux['losses'] holds auxiliary loss terms (already multiplied by
+their coefficients, averaged over layers) that training adds to the loss, aux['metrics'] holds
+values to log (e.g. expert load).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.layers.attention import Attention
+from jaxlm.layers.embed import Embedding
+from jaxlm.layers.mlp import Dense, SwiGLU
+from jaxlm.layers.norms import make_norm
+from jaxlm.models.config import ModelConfig
+
+REMAT_POLICIES = {
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,
+}
+
+
+def remat_policy(name: str):
+    if name == "offload":
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return REMAT_POLICIES[name]
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def out_init_std(cfg: ModelConfig) -> float:
+    """GPT-2 style: projections that write into the residual stream start smaller with depth."""
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+class DecoderLayer(nn.Module):
+    """One layer: mixer and FFN, each pre-normed and added to the residual stream."""
+
+    cfg: ModelConfig
+    kind: str  # 'attention' | 'mamba'
+
+    def mixer(self, x_btd, positions_bt, segment_ids_bt):
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        if self.kind == "attention":
+            return Attention(
+                num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                rope=cfg.rope if cfg.position_embedding == "rope" else None,
+                scale=cfg.attention_scale, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
+                out_init_std=out_init_std(cfg), dtype=dtype, param_dtype=param_dtype,
+                name="attention")(x_btd, positions_bt, segment_ids_bt)
+        from jaxlm.layers.ssm import Mamba2  # the SSM room is optional for attention-only models
+        return Mamba2(cfg.ssm, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
+                      out_init_std=out_init_std(cfg), dtype=dtype, param_dtype=param_dtype,
+                      name="mamba")(x_btd, segment_ids_bt)
+
+    def ffn(self, x_btd, deterministic):
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        if cfg.ffn == "mlp":
+            return SwiGLU(cfg.mlp_dim, cfg.mlp_bias, cfg.init_std, out_init_std(cfg), dtype,
+                          param_dtype, name="mlp")(x_btd), {}
+        from jaxlm.layers.moe import MoE
+        return MoE(cfg.moe, init_std=cfg.init_std, out_init_std=out_init_std(cfg), dtype=dtype,
+                   param_dtype=param_dtype, name="moe")(x_btd, deterministic=deterministic)
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic):
+        cfg = self.cfg
+        residual = cfg.residual_multiplier
+        h_btd = make_norm(cfg.norm, cfg.norm_eps, "mixer_norm")(x_btd)
+        mixed_btd = self.mixer(h_btd, positions_bt, segment_ids_bt)
+        aux = {}
+        if cfg.ffn == "none":
+            x_btd = x_btd + residual * mixed_btd
+        elif cfg.parallel_residual:
+            ffn_btd, aux = self.ffn(h_btd, deterministic)
+            x_btd = x_btd + residual * (mixed_btd + ffn_btd)
+        else:
+            x_btd = x_btd + residual * mixed_btd
+            m_btd = make_norm(cfg.norm, cfg.norm_eps, "ffn_norm")(x_btd)
+            ffn_btd, aux = self.ffn(m_btd, deterministic)
+            x_btd = x_btd + residual * ffn_btd
+        return nn.with_logical_constraint(x_btd.astype(dtype_of(cfg.dtype)),
+                                          ("batch", "length", "embed")), aux
+
+
+class Block(nn.Module):
+    """One repeat of the layer pattern; the unit that `nn.scan` stacks."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic):
+        auxes = []
+        for slot, kind in enumerate(self.cfg.pattern):
+            x_btd, aux = DecoderLayer(self.cfg, kind, name=f"slot_{slot}")(
+                x_btd, positions_bt, segment_ids_bt, deterministic)
+            auxes.append(aux)
+        return x_btd, auxes
+
+
+def _mean_over_layers(stacked_auxes: list[dict]) -> dict:
+    """Per-slot aux dicts whose leaves are stacked over repeats -> means over all layers."""
+    out: dict[str, Any] = {}
+    for section in ("losses", "metrics"):
+        keys = sorted({k for aux in stacked_auxes for k in aux.get(section, {})})
+        merged = {}
+        for k in keys:
+            values = [aux[section][k] for aux in stacked_auxes if k in aux.get(section, {})]
+            merged[k] = jnp.mean(jnp.concatenate([v.reshape(v.shape[0], -1) for v in values]),
+                                 axis=0).reshape(values[0].shape[1:])
+        out[section] = merged
+    return out
+
+
+class Decoder(nn.Module):
+    """The language model. `apply(params, tokens [b, t])` -> (logits [b, t, vocab] f32, aux)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
+                 deterministic: bool = True):
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        embed = Embedding(cfg.vocab_size, cfg.embed_dim, cfg.init_std, dtype, param_dtype,
+                          name="embed")
+        x_btd = embed(tokens_bt)
+        if cfg.embedding_multiplier != 1.0:
+            x_btd = x_btd * jnp.asarray(cfg.embedding_multiplier, dtype)
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=remat_policy(cfg.remat), prevent_cse=False,
+                             static_argnums=(4,))
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "router": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_repeats,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="blocks")
+        x_btd, stacked_auxes = blocks(x_btd, positions_bt, segment_ids_bt, deterministic)
+
+        x_btd = make_norm(cfg.norm, cfg.norm_eps, "final_norm", param_dtype)(x_btd)
+        if cfg.tie_embeddings:
+            logits_btv = embed.attend(x_btd)
+        else:
+            logits_btv = Dense(cfg.vocab_size, ("embed", "vocab"), init_std=cfg.init_std,
+                               dtype=dtype, param_dtype=param_dtype, name="lm_head")(x_btd)
+        logits_btv = logits_btv.astype(jnp.float32)
+        if cfg.logits_divisor != 1.0:
+            logits_btv = logits_btv / cfg.logits_divisor
+        logits_btv = nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
+        return logits_btv, _mean_over_layers(stacked_auxes)
+
+
+def build_model(cfg: ModelConfig) -> Decoder:
+    return Decoder(cfg)
+
+
+def init_params(model: Decoder, rng: jax.Array, batch: int = 1, length: Optional[int] = None):
+    """Boxed (logically partitioned) params for a [batch, length] token input."""
+    length = length or min(model.cfg.max_seq_len, 8)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return model.init({"params": rng}, tokens)["params"]
