@@ -12,7 +12,9 @@ slot `l % len(pattern)` of repeat `l // len(pattern)`:
 
 `apply` returns `(logits, aux)`: aux['losses'] holds auxiliary loss terms (already multiplied by
 their coefficients, averaged over layers) that training adds to the loss, aux['metrics'] holds
-values to log (e.g. expert load).
+per-layer values to log (e.g. expert load). Non-parameter state that the forward pass updates
+in training (the MoE selection bias of aux-loss-free balancing) lives in the `router_state`
+collection: apply with `mutable=['router_state']` to get it back.
 """
 
 from __future__ import annotations
@@ -120,17 +122,16 @@ class Block(nn.Module):
         return x_btd, auxes
 
 
-def _mean_over_layers(stacked_auxes: list[dict]) -> dict:
-    """Per-slot aux dicts whose leaves are stacked over repeats -> means over all layers."""
-    out: dict[str, Any] = {}
-    for section in ("losses", "metrics"):
+def _gather_over_layers(stacked_auxes: list[dict]) -> dict:
+    """Per-slot aux dicts (leaves stacked over repeats) -> losses averaged over the layers that
+    report them; metrics kept per layer, shape [layers reporting it, ...] in slot-major order."""
+    out: dict[str, Any] = {"losses": {}, "metrics": {}}
+    for section in out:
         keys = sorted({k for aux in stacked_auxes for k in aux.get(section, {})})
-        merged = {}
         for k in keys:
-            values = [aux[section][k] for aux in stacked_auxes if k in aux.get(section, {})]
-            merged[k] = jnp.mean(jnp.concatenate([v.reshape(v.shape[0], -1) for v in values]),
-                                 axis=0).reshape(values[0].shape[1:])
-        out[section] = merged
+            values = jnp.concatenate([aux[section][k] for aux in stacked_auxes
+                                      if k in aux.get(section, {})])
+            out[section][k] = jnp.mean(values, axis=0) if section == "losses" else values
     return out
 
 
@@ -159,7 +160,7 @@ class Decoder(nn.Module):
                              static_argnums=(4,))
         blocks = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "router_state": 0},
             split_rngs={"params": True, "router": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_repeats,
@@ -177,7 +178,7 @@ class Decoder(nn.Module):
         if cfg.logits_divisor != 1.0:
             logits_btv = logits_btv / cfg.logits_divisor
         logits_btv = nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
-        return logits_btv, _mean_over_layers(stacked_auxes)
+        return logits_btv, _gather_over_layers(stacked_auxes)
 
 
 def build_model(cfg: ModelConfig) -> Decoder:
