@@ -156,7 +156,8 @@ def _check_range(value, meta, path):
 def unknown_key_error(key: str, known: Iterable[str], path: str) -> ConfigError:
     known = sorted(known)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
+    hint = (f"; did you mean '{path}{close[0]}'?" if close
+            else f"; known fields: {', '.join(known)}")
     return ConfigError(f"unknown config field '{path}{key}'{hint}")
 
 
