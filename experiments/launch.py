@@ -62,6 +62,9 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
     """ml_collections reports an unknown override key as a bare KeyError/AttributeError;
     name the flag and suggest the closest real field."""
     text = str(error)
+    if "Traceback (most recent call last)" in text:  # the config file's get_config() raised
+        flag = text.split(":", 1)[0]
+        return f"{flag}: {text.strip().splitlines()[-1]}"
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
@@ -79,6 +82,9 @@ def _explain_flag_error(error: Exception, argv: list[str]) -> str:
 
 def load_config():
     if _CONFIG.value is not None:
+        error = getattr(_CONFIG.value, "_error", None)  # ml_collections defers load failures
+        if error is not None:
+            fail(f"--config: {error}")
         return config_lib.parse_config(_CONFIG.value)
     path = os.path.join(FLAGS.workdir, "config.json")
     if not os.path.exists(path):

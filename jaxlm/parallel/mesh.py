@@ -14,7 +14,8 @@ MESH_AXES = ("data", "expert", "tensor")
 
 def make_mesh(data: int = -1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh over `devices` (default: all); `data=-1` takes the devices left over."""
+    """Mesh over `devices` (default: all). `data=-1` takes the devices left over; a mesh
+    smaller than the device count (its size dividing it) uses the first devices."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     fixed = tensor * expert
@@ -23,10 +24,11 @@ def make_mesh(data: int = -1, tensor: int = 1, expert: int = 1,
             raise ValueError(f"mesh tensor={tensor} × expert={expert} = {fixed} does not divide "
                              f"the {n} devices")
         data = n // fixed
-    if data * fixed != n:
-        raise ValueError(f"mesh data={data} × expert={expert} × tensor={tensor} = "
-                         f"{data * fixed} does not match the {n} devices")
-    return Mesh(np.asarray(devices).reshape(data, expert, tensor), MESH_AXES)
+    size = data * fixed
+    if size > n or n % size:
+        raise ValueError(f"mesh data={data} × expert={expert} × tensor={tensor} = {size} does "
+                         f"not divide the {n} devices")
+    return Mesh(np.asarray(devices[:size]).reshape(data, expert, tensor), MESH_AXES)
 
 
 def mesh_from_config(parallel_cfg) -> Mesh:

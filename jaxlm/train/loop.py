@@ -131,16 +131,18 @@ def evaluate(eval_step, state, batches: list[dict], batch_sharding) -> float:
 
 def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
     """Trains `cfg` in `workdir`, resuming from its newest checkpoint; returns final metrics."""
-    prepare_workdir(cfg, workdir, overwrite)
+    # Everything that can fail on bad input happens before the workdir is touched.
     run = build_run(cfg)
     tcfg, dcfg = cfg.train, cfg.data
+    dataset = pipeline.train_dataset(dcfg, run.tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    eval_batches = pipeline.take(pipeline.heldout_dataset(dcfg, run.tokenizer),
+                                 tcfg.eval_batches)
+    prepare_workdir(cfg, workdir, overwrite)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                                 every=tcfg.checkpoint_every, async_save=tcfg.async_checkpoint)
-
-    dataset = pipeline.train_dataset(dcfg, run.tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
     data_iter = iter(dataset)
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -159,8 +161,6 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
             run.state_shardings, run.batch_sharding)
         eval_step = jax.jit(step_lib.make_eval_step(run.model))
 
-        eval_batches = pipeline.take(pipeline.heldout_dataset(dcfg, run.tokenizer),
-                                     tcfg.eval_batches)
         unigram = pipeline.unigram_cross_entropy(
             pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_batches,
             cfg.model.vocab_size)

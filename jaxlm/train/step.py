@@ -84,7 +84,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["ce"] / total_weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
             "tokens": total_weight,
             **{f"aux/{k}": v for k, v in sums["aux"]["losses"].items()},
