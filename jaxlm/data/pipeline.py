@@ -90,6 +90,13 @@ def heldout_dataset(data_cfg: DataConfig, tokenizer: Tokenizer,
     return pack_and_batch(ds.to_iter_dataset(), data_cfg, batch_size or data_cfg.batch_size)
 
 
+def eval_datasets(data_cfg: DataConfig, tokenizer: Tokenizer,
+                  batch_size: int | None = None) -> dict[str, grain.IterDataset]:
+    """Named evaluation sets the training loop reports; 'heldout' (left-to-right loss on the
+    held-out split) is the main one."""
+    return {"heldout": heldout_dataset(data_cfg, tokenizer, batch_size)}
+
+
 def take(dataset: grain.IterDataset, n: int) -> list[dict]:
     out = []
     for batch in dataset:

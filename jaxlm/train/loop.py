@@ -136,8 +136,8 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
     tcfg, dcfg = cfg.train, cfg.data
     dataset = pipeline.train_dataset(dcfg, run.tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    eval_batches = pipeline.take(pipeline.heldout_dataset(dcfg, run.tokenizer),
-                                 tcfg.eval_batches)
+    eval_sets = {name: pipeline.take(ds, tcfg.eval_batches)
+                 for name, ds in pipeline.eval_datasets(dcfg, run.tokenizer).items()}
     prepare_workdir(cfg, workdir, overwrite)
     is_main = jax.process_index() == 0
     writer = MetricWriter(workdir, enabled=is_main)
@@ -162,7 +162,7 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
         eval_step = jax.jit(step_lib.make_eval_step(run.model))
 
         unigram = pipeline.unigram_cross_entropy(
-            pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_batches,
+            pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_sets["heldout"],
             cfg.model.vocab_size)
         params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
         flops_per_token = flops.flops_per_token(cfg.model, state.params, dcfg.seq_len)
@@ -171,7 +171,7 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
         writer.write(int(state.step), {"eval/unigram_loss": unigram, "params": params_count})
 
         start = int(state.step)
-        last_eval = None
+        last_eval, last_evals = None, {}
         pending = None  # (step, device metrics) not yet pulled to the host
         window_start, window_tokens = time.perf_counter(), 0
         bar = tqdm(total=tcfg.steps, initial=start, disable=not (tcfg.progress_bar and is_main),
@@ -205,9 +205,15 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
                 if pending is not None:
                     flush(pending)
                     pending = None
-                last_eval = evaluate(eval_step, state, eval_batches, run.batch_sharding)
-                writer.write(done, {"eval/loss": last_eval, "eval/unigram_loss": unigram})
-                bar.write(f"step {done}: held-out loss {last_eval:.4f} "
+                last_evals = {name: evaluate(eval_step, state, batches, run.batch_sharding)
+                              for name, batches in eval_sets.items()}
+                last_eval = last_evals["heldout"]
+                writer.write(done, {"eval/loss": last_eval, "eval/unigram_loss": unigram,
+                                    **{f"eval/{name}_loss": value for name, value
+                                       in last_evals.items() if name != "heldout"}})
+                others = "".join(f", {name} {value:.4f}" for name, value in last_evals.items()
+                                 if name != "heldout")
+                bar.write(f"step {done}: held-out loss {last_eval:.4f}{others} "
                           f"(unigram baseline {unigram:.4f})")
             checkpointer.save(done, state, data_iter.get_state(),
                               {"config": config_to_dict(cfg), "step": done},
@@ -218,8 +224,8 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
         bar.close()
     checkpointer.close()
     writer.close()
-    return {"step": int(state.step), "eval_loss": last_eval, "unigram_loss": unigram,
-            "state": state, "run": run}
+    return {"step": int(state.step), "eval_loss": last_eval, "evals": last_evals,
+            "unigram_loss": unigram, "state": state, "run": run}
 
 
 def restore_for_inference(cfg, workdir: str):
