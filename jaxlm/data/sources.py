@@ -3,11 +3,24 @@
 A source spec is a string (so it can be overridden from the command line):
 
     stdlib                   the .py files of the running interpreter's standard library
+    pydocs                   the Python documentation as plain text (reStructuredText), as
+                             Debian/Ubuntu's `python3-doc` package installs it (see below)
     text:<glob>              one document per file
     jsonl:<glob>[:field]     one document per line, text in `field` (default "text")
+    arrayrecord:<glob>       one document per ArrayRecord record (UTF-8 bytes)
 
-Every document has a stable name (its path, or path:line), and `split_by_name` assigns it to
-'train' or 'heldout' by a hash of that name, so the split does not depend on file order.
+Every document has a stable name (its path, path:line or path:record), and `split_by_name`
+assigns it to 'train' or 'heldout' by a hash of that name, so the split does not depend on file
+order.
+
+`pydocs` is the natural-language companion of the `stdlib` code corpus: ~500 files, ~11 MB of
+English prose with code examples (tutorial, library reference, HOWTOs, FAQ, What's New). Sphinx
+keeps each page's source next to the HTML as `_sources/**/*.rst.txt`, and Debian ships that tree:
+
+    apt-get install python3-doc      # -> /usr/share/doc/python3.X/html/_sources/**/*.rst.txt
+
+Nothing is downloaded at run time; without the package the source fails with that command in
+its message.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import glob as globlib
 import json
 import os
 import sysconfig
+import sys
 import zlib
 from typing import Sequence
 
@@ -113,6 +127,63 @@ class JsonlDocuments(Documents):
         return text
 
 
+class ArrayRecordDocuments(Documents):
+    """One document per record of ArrayRecord files (each record UTF-8 text). Readers open
+    lazily, tuned for random access."""
+
+    def __init__(self, paths: Sequence[str]):
+        from array_record.python.array_record_module import ArrayRecordReader  # ships with grain
+
+        self._reader_cls = ArrayRecordReader
+        self.paths = list(paths)
+        self._readers: dict[str, object] = {}
+        self.offsets = [0]
+        for path in self.paths:
+            reader = self._open(path)
+            self.offsets.append(self.offsets[-1] + reader.num_records())
+
+    def _open(self, path):
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = self._reader_cls(path, "readahead_buffer_size:0,max_parallelism:0")
+            if not reader.ok():
+                raise SourceError(f"data file {path}: not a readable ArrayRecord file")
+            self._readers[path] = reader
+        return reader
+
+    def _locate(self, index):
+        k = bisect.bisect_right(self.offsets, index) - 1
+        return self.paths[k], index - self.offsets[k]
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def name(self, index):
+        path, record = self._locate(index)
+        return f"{path}:{record}"
+
+    def __getitem__(self, index):
+        path, record = self._locate(index)
+        data = self._open(path).read([record])[0]
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path}:{record}: record is not UTF-8 text ({e.reason} at byte "
+                              f"{e.start})") from None
+
+
+def write_arrayrecord(path: str, texts: Sequence[str]) -> str:
+    """Writes `texts` as one UTF-8 record each: converts a corpus into the `arrayrecord:`
+    source format (and makes test fixtures)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for text in texts:
+        writer.write(text.encode("utf-8"))
+    writer.close()
+    return path
+
+
 class Subset(Documents):
     def __init__(self, parent: Documents, indices: Sequence[int]):
         self.parent, self.indices = parent, list(indices)
@@ -166,6 +237,31 @@ def stdlib_files() -> list[str]:
     return sorted(out)
 
 
+# Where Debian/Ubuntu's python3-doc puts the documentation's plain-text sources.
+PYDOCS_ROOTS = "/usr/share/doc/python3*/html/_sources"
+
+
+def pydocs_root() -> str:
+    """The `_sources` tree of the installed Python documentation, preferring this interpreter's
+    version; SourceError with the install command if there is none."""
+    roots = sorted(p for p in globlib.glob(PYDOCS_ROOTS) if os.path.isdir(p))
+    own = [p for p in roots if f"python{sys.version_info.major}.{sys.version_info.minor}"
+           f"{os.sep}" in p]
+    if not roots:
+        raise SourceError(f"data source 'pydocs': the plain-text Python documentation is not "
+                          f"installed (no {PYDOCS_ROOTS}); install it with "
+                          "'apt-get install python3-doc' (Debian/Ubuntu)")
+    return (own or roots)[-1]
+
+
+def pydocs_files() -> list[str]:
+    root = pydocs_root()
+    paths = sorted(globlib.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True))
+    if not paths:
+        raise SourceError(f"data source 'pydocs': no *.rst.txt files under {root}")
+    return paths
+
+
 def _glob(pattern: str, spec: str) -> list[str]:
     paths = sorted(p for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(p))
@@ -184,13 +280,17 @@ def open_source(spec: str) -> Documents:
     kind, _, rest = spec.partition(":")
     if kind == "stdlib" and not rest:
         return FileDocuments(stdlib_files(), root=stdlib_root())
+    if kind == "pydocs" and not rest:
+        return FileDocuments(pydocs_files(), root=pydocs_root())
     if kind == "text" and rest:
         return FileDocuments(_glob(rest, spec))
     if kind == "jsonl" and rest:
         pattern, _, field_name = rest.partition(":") if not os.path.exists(rest) else (rest, "", "")
         return JsonlDocuments(_glob(pattern, spec), field_name or "text")
-    raise SourceError(f"data source {spec!r}: expected 'stdlib', 'text:<glob>' or "
-                      "'jsonl:<glob>[:field]'")
+    if kind == "arrayrecord" and rest:
+        return ArrayRecordDocuments(_glob(rest, spec))
+    raise SourceError(f"data source {spec!r}: expected 'stdlib', 'pydocs', 'text:<glob>', "
+                      "'jsonl:<glob>[:field]' or 'arrayrecord:<glob>'")
 
 
 def in_heldout(name: str, heldout_fraction: float) -> bool:
@@ -202,3 +302,8 @@ def split_by_name(docs: Documents, split: str, heldout_fraction: float) -> Docum
     want_heldout = split == "heldout"
     keep = [i for i in range(len(docs)) if in_heldout(docs.name(i), heldout_fraction) == want_heldout]
     return Subset(docs, keep)
+
+
+def open_split(specs: Sequence[str], split: str, heldout_fraction: float) -> list[Documents]:
+    """The `split` part ('train' or 'heldout') of every source, one Documents per spec."""
+    return [split_by_name(open_source(spec), split, heldout_fraction) for spec in specs]
