@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxlm.models import llama
+from jaxlm.models import llama, stablelm
 from jaxlm.models.config import ModelConfig
 
 # family name -> its module (each family lives in its own module under jaxlm/models/).
 FAMILIES: dict[str, ModuleType] = {"llama": llama}
+FAMILIES["stablelm"] = stablelm
 
 
 def get(family: str, size: str) -> ModelConfig:
