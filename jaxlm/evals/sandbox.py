@@ -2,7 +2,8 @@
 
 `run_sandboxed(program, timeout_s, memory_bytes)` never `exec`s the program in the evaluating
 process. It starts a small trusted launcher (this module, imported by `python -I -S`),
-which isolates itself and then forks the program as `python -I program.py`:
+which isolates itself and then forks the program as `python -I -S program.py` (standard
+library only unless site_packages=True):
 
 1. Namespaces (one `unshare(2)` through ctypes; Python 3.11 has no `os.unshare`): a new
    **network** namespace (only a loopback that is down, so every connect fails, 127.0.0.1
@@ -24,12 +25,15 @@ which isolates itself and then forks the program as `python -I program.py`:
    launcher kills the init; when the init exits the kernel kills every process left in the
    namespace, however it daemonised (setsid, double fork). `PR_SET_PDEATHSIG` chains program
    -> init -> launcher. The parent starts the launcher in its own session, waits for it (no
-   zombies), has a backstop that kills that session, and afterwards kills any process still
-   owned by the sandbox uid.
+   zombies) and has a backstop that kills that session. Without a PID namespace it afterwards
+   kills every process still owned by the sandbox uid.
 6. Environment scrubbed to PATH, HOME, TMPDIR, locale and single-threaded BLAS settings;
    stdin is /dev/null; stdout/stderr go to files capped by RLIMIT_FSIZE (Python ignores
    SIGXFSZ, so an over-long write raises OSError and the program fails cleanly) and only their
    tails are returned.
+
+Not provided: confidentiality of world-readable files (the program can read the repository,
+though not /root), and CPU or memory fairness beyond the rlimits (no cgroup).
 
 Where a mechanism is unavailable the launcher falls back and says so in
 `SandboxResult.isolation` rather than pretending: without namespaces (e.g. a container without
