@@ -349,3 +349,36 @@ def test_export_rejects_what_llama_cannot_express(base, tmp_path):
     one_line_error(lambda: export_hf(base["cfg"], params, str(tmp_path / "out")),
                    "params: missing final_norm/scale")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_fused_rows_split_on_import_and_fuse_on_export(base, tmp_path, monkeypatch):
+    """The table mechanism later families need (Granite's gate‖up `input_linear`, Mamba-2's
+    `in_proj`): rows with part=(axis, start, stop) share one HF tensor."""
+    import dataclasses
+
+    from jaxlm.interop import llama as llama_table
+    from jaxlm.interop import tables
+    f, d = base["cfg"].mlp_dim, base["cfg"].embed_dim
+    name = "model.layers.{layer}.mlp.gate_up_proj.weight"
+
+    def layer_tensors(cfg, kind):
+        rows = [r for r in llama_table.layer_tensors(cfg, kind)
+                if r.path[:2] not in (("mlp", "gate_proj"), ("mlp", "up_proj"))]
+        return rows + [
+            tables.Tensor(name, ("mlp", "gate_proj", "kernel"), (2 * f, d), (1, 0), part=(0, 0, f)),
+            tables.Tensor(name, ("mlp", "up_proj", "kernel"), (2 * f, d), (1, 0), part=(0, f, 2 * f))]
+
+    fused = dataclasses.replace(
+        llama_table.FAMILY, architectures=("FusedLlama",), export_architecture="FusedLlama",
+        config_to_hf=lambda cfg: {**llama_table.config_to_hf(cfg), "architectures": ["FusedLlama"]},
+        layer_tensors=layer_tensors)
+    monkeypatch.setitem(hf_interop.FAMILIES, "llama", fused)
+    out = export_hf(base["cfg"], base["params"], str(tmp_path / "fused"))
+    with safe_open(os.path.join(out, "model.safetensors"), "numpy") as st:
+        assert "model.layers.1.mlp.gate_proj.weight" not in st.keys()
+        gate_up = st.get_tensor(name.format(layer=1))
+    mlp = base["params"]["blocks"]["slot_0"]["mlp"]
+    np.testing.assert_array_equal(gate_up, np.concatenate(
+        [mlp["gate_proj"]["kernel"][1].T, mlp["up_proj"]["kernel"][1].T]))
+    _, params = import_hf(out)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, base["params"])))

@@ -128,6 +128,7 @@ def _check_coverage(family: Family, placements, shapes) -> None:
     seen: dict[tuple[str, ...], set] = collections.defaultdict(set)
     leaves = _flatten(shapes)
     for name, group in placements.items():
+        _check_parts(family, name, [p.row for p in group])
         for p in group:
             leaf = leaves.get(p.path)
             where = f"{family.name} converter row {name!r}"
@@ -148,6 +149,23 @@ def _check_coverage(family: Family, placements, shapes) -> None:
                              f"{'/'.join(path)} {list(leaf.shape)}")
 
 
+def _check_parts(family: Family, name: str, rows: list[Tensor]) -> None:
+    """One HF tensor is either one row, or fused rows whose ranges tile one axis."""
+    where = f"{family.name} converter row {name!r}"
+    if len(rows) == 1 and rows[0].part is None:
+        return
+    if any(r.part is None for r in rows) or len({(r.shape, r.part[0]) for r in rows}) != 1:
+        raise ValueError(f"{where}: filled by several rows that are not parts of one axis")
+    axis, end = rows[0].part[0], 0
+    for r in sorted(rows, key=lambda r: r.part[1]):
+        if r.part[1] != end:
+            raise ValueError(f"{where}: parts leave a gap or overlap at {end} on axis {axis}")
+        end = r.part[2]
+    if end != rows[0].shape[axis]:
+        raise ValueError(f"{where}: parts end at {end}, the tensor's axis {axis} has "
+                         f"{rows[0].shape[axis]}")
+
+
 def _slice_view(dest: np.ndarray, p: Placement) -> np.ndarray:
     """`dest[index]` reshaped to the HF piece in jaxlm axis order; always a view into `dest`."""
     piece = p.row.piece_shape
@@ -160,9 +178,8 @@ def _slice_view(dest: np.ndarray, p: Placement) -> np.ndarray:
 def _piece(array: np.ndarray, row: Tensor) -> np.ndarray:
     if row.part is None:
         return array
-    axis, i, pieces = row.part
-    size = array.shape[axis] // pieces
-    return np.take(array, np.arange(i * size, (i + 1) * size), axis=axis)
+    axis, start, stop = row.part
+    return np.take(array, np.arange(start, stop), axis=axis)
 
 
 # ---- import -----------------------------------------------------------------------------------
@@ -257,7 +274,7 @@ def _check_params(cfg: ModelConfig, params: Mapping, shapes: Mapping) -> None:
 def _hf_value(params: Mapping, group: list[Placement], dtype) -> np.ndarray:
     """Assembles one HF tensor from its jaxlm slices (pieces concatenated for fused tensors)."""
     pieces = []
-    for p in sorted(group, key=lambda p: p.row.part[1] if p.row.part else 0):
+    for p in sorted(group, key=lambda p: p.row.part[1] if p.row.part else 0):  # by start
         value = np.asarray(_leaf(params, p.path)[p.index])
         piece = p.row.piece_shape
         value = value.reshape(tuple(piece[a] for a in p.row.axes))

@@ -8,8 +8,9 @@ config translators, and a table of `Tensor` rows. Each row says
 where `index` is the stacked-layer position (layer l of the model is slot l % len(pattern),
 repeat l // len(pattern)), plus an expert/head position for rows with `count` (one HF tensor per
 index, e.g. StableLM's per-head qk-norms or, later, Mixtral's per-expert weights). A row with
-`part=(axis, i, n)` owns piece i of n equal pieces of the HF tensor along `axis` (fused tensors,
-e.g. Granite's `input_linear` = gate ‖ up). The generic code in `hf.py` expands rows over layers,
+`part=(axis, start, stop)` owns that range of a fused HF tensor along `axis` (Granite's
+`input_linear` = gate ‖ up, Mamba-2's `in_proj` = z ‖ x ‖ B ‖ C ‖ dt); the rows of one fused
+tensor must tile the axis. The generic code in `hf.py` expands rows over layers,
 checks them against the model's real parameter tree, and streams tensors through them in both
 directions; a new family adds a module with its rows and registers it there.
 
@@ -32,15 +33,15 @@ class Tensor:
     shape: tuple[int, ...]             # HF shape of the whole stored tensor
     perm: Optional[tuple[int, ...]] = None  # HF axes in jaxlm order (before the reshape)
     count: int = 0                     # > 0: hf has {index} in range(count) -> leaf axis after layers
-    part: Optional[tuple[int, int, int]] = None  # (HF axis, piece, pieces) of a fused tensor
+    part: Optional[tuple[int, int, int]] = None  # (HF axis, start, stop) of a fused tensor
 
     @property
     def piece_shape(self) -> tuple[int, ...]:
         if self.part is None:
             return self.shape
-        axis, _, pieces = self.part
+        axis, start, stop = self.part
         shape = list(self.shape)
-        shape[axis] //= pieces
+        shape[axis] = stop - start
         return tuple(shape)
 
     @property
