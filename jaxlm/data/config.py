@@ -13,9 +13,9 @@ class DataConfig:
         "'jsonl:<glob>[:field]', 'arrayrecord:<glob>'")
     weights: tuple[float, ...] = field((), "mixture weight per source from step 0, as the "
                                        "fraction of packed rows it supplies (empty: uniform)")
-    stages: tuple[tuple[int, tuple[float, ...]], ...] = field(
-        (), "later mixture stages ((start_step, weights), ...): from start_step on, rows are "
-        "drawn with these weights (data.weights hold before the first stage)")
+    stages: tuple[tuple[float, ...], ...] = field(
+        (), "later mixture stages ((start_step, w_0, ..., w_n-1), ...): from start_step on, "
+        "rows are drawn with these weights (data.weights hold before the first stage)")
     tokenizer: str = field("byte", "tokenizer backend: byte-level, a BPE trained here on "
                            "data.sources (on first use if tokenizer_path does not exist), or any "
                            "tokenizer.json file", choices=("byte", "bpe", "file"))
@@ -47,7 +47,12 @@ class DataConfig:
             raise ConfigError(f"data.weights={self.weights}: expected non-negative weights with "
                               "a positive sum")
         previous = 0
-        for i, (start, weights) in enumerate(self.stages):
+        for i, stage in enumerate(self.stages):
+            if not stage or stage[0] != int(stage[0]):
+                raise ConfigError(f"data.stages[{i}]={stage}: expected (start_step, "
+                                  f"{', '.join(f'w_{j}' for j in range(len(self.sources)))}) "
+                                  "with an integer start_step")
+            start, weights = int(stage[0]), tuple(stage[1:])
             if start <= previous:
                 raise ConfigError(f"data.stages[{i}].start_step={start}: expected > {previous} "
                                   "(stages start after step 0, in increasing order)")
@@ -66,5 +71,6 @@ class DataConfig:
         """The full stage schedule ((0, weights), (start_step, weights), ...), weights
         normalised to sum to 1."""
         first = self.weights or (1.0,) * len(self.sources)
+        stages = ((0, first), *((int(stage[0]), stage[1:]) for stage in self.stages))
         return tuple((start, tuple(w / sum(weights) for w in weights))
-                     for start, weights in ((0, first), *self.stages))
+                     for start, weights in stages)

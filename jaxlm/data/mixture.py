@@ -20,7 +20,8 @@ stream is read, not where it is.
 
 State (`get_state`, JSON-serialisable): the step, the stage's row counts, and each source
 stream's own grain state — so a run resumed from a checkpoint, before or after a boundary,
-produces the same batches as one that never stopped.
+produces the same batches as one that never stopped. `set_state` also repairs what JSON does
+to grain's packer state (`tuples_from_json`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def pick_source(weights: Sequence[float], counts: Sequence[int]) -> int:
         if w > 0 and w * n - c > best_gap:
             best, best_gap = s, w * n - c
     return best
+
+
+def tuples_from_json(state: Any) -> Any:
+    """Undoes what a JSON round trip does to grain's ConcatThenSplit state.
+
+    The packer marks "no remainder" with the slice sentinel (-1, -1) and compares with `!=`;
+    JSON (orbax's JsonSave) turns the tuple into [-1, -1], which compares unequal, so a restored
+    packer would think it holds an empty remainder and silently skip one document. Every
+    `remainder_slices` entry is turned back into a tuple."""
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in value.items()} if k == "remainder_slices"
+                    else tuples_from_json(value)) for k, value in state.items()}
+    if isinstance(state, list):
+        return [tuples_from_json(v) for v in state]
+    return state
 
 
 def stack_rows(rows: list[dict]) -> dict:
@@ -82,7 +98,7 @@ class StagedMixtureIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         for parent, parent_state in zip(self._parents, state["sources"]):
-            parent.set_state(parent_state)
+            parent.set_state(tuples_from_json(parent_state))
         self._step, self._stage = int(state["step"]), int(state["stage"])
         self._counts = [int(c) for c in state["counts"]]
 
