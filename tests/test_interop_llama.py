@@ -72,16 +72,18 @@ def max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def roundtrip(case, tmp_path_factory):
-    """(imported cfg, params, HF logits, jaxlm logits of the import, HF logits of the export)."""
-    src = case["dir"]
+def roundtrip(src, tmp_path_factory, seq=SEQ):
+    """HF dir -> import -> jaxlm logits; -> export -> HF logits and a second import."""
     cfg, params = import_hf(src)
-    toks = tokens(cfg.vocab_size, case.get("seq", SEQ))
-    ref = hf_logits(load_hf(src), toks)
-    ours = jax_logits(cfg, params, toks)
+    toks = tokens(cfg.vocab_size, seq)
     out = export_hf(cfg, params, str(tmp_path_factory.mktemp("export") / "model"))
-    back = hf_logits(load_hf(out), toks)
-    return cfg, params, ref, ours, back
+    return {"dir": src, "cfg": cfg, "params": params, "ref": hf_logits(load_hf(src), toks),
+            "ours": jax_logits(cfg, params, toks), "back": hf_logits(load_hf(out), toks),
+            "again": import_hf(out)}
+
+
+def same_params(a, b):
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
 # ---- parity cases -------------------------------------------------------------------------------
@@ -131,8 +133,7 @@ def build(name, tmp_path_factory):
         config, cls = CASES[name]()
         path = str(tmp_path_factory.mktemp(name) / "hf")
         save_random_hf(config, cls, path, seed=len(name))
-        _BUILT[name] = {"name": name, "dir": path, **dict(zip(
-            ("cfg", "params", "ref", "ours", "back"), roundtrip({"dir": path}, tmp_path_factory)))}
+        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory)}
     return _BUILT[name]
 
 
@@ -153,6 +154,11 @@ def test_import_matches_transformers(case):
 
 def test_export_loads_in_transformers_with_same_logits(case):
     assert max_diff(case["back"], case["ref"]) <= TOL
+
+
+def test_export_then_import_is_exact(case):
+    cfg, params = case["again"]
+    assert cfg == case["cfg"] and same_params(params, case["params"])
 
 
 def test_imported_config_fields(case):
@@ -182,10 +188,12 @@ def dynamic_dir(tmp_path_factory):
 @pytest.mark.parametrize("seq", [12, 24])  # inside and beyond max_position_embeddings=16
 def test_dynamic_ntk_fresh_model_per_length(dynamic_dir, seq, tmp_path_factory):
     # HF recomputes dynamic frequencies statefully, so every length gets freshly loaded models.
-    cfg, _, ref, ours, back = roundtrip({"dir": dynamic_dir, "seq": seq}, tmp_path_factory)
+    r = roundtrip(dynamic_dir, tmp_path_factory, seq)
+    cfg, ref = r["cfg"], r["ref"]
+    assert r["again"][0] == cfg
     assert (cfg.rope.scaling, cfg.rope.original_max_position, cfg.max_seq_len) == ("dynamic", 16, 32)
-    assert max_diff(ours, ref) <= TOL
-    assert max_diff(back, ref) <= TOL
+    assert max_diff(r["ours"], ref) <= TOL
+    assert max_diff(r["back"], ref) <= TOL
 
 
 # ---- file formats -------------------------------------------------------------------------------
@@ -195,8 +203,7 @@ def test_sharded_checkpoints_read_and_write(base, tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     _, params = import_hf(str(tmp_path / "sharded"))
-    same = jax.tree.map(np.array_equal, params, base["params"])
-    assert all(jax.tree.leaves(same))
+    assert same_params(params, base["params"])
     out = export_hf(base["cfg"], params, str(tmp_path / "ours"), max_shard_bytes=30_000)
     with open(os.path.join(out, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) > 2
@@ -381,4 +388,4 @@ def test_fused_rows_split_on_import_and_fuse_on_export(base, tmp_path, monkeypat
     np.testing.assert_array_equal(gate_up, np.concatenate(
         [mlp["gate_proj"]["kernel"][1].T, mlp["up_proj"]["kernel"][1].T]))
     _, params = import_hf(out)
-    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, base["params"])))
+    assert same_params(params, base["params"])

@@ -9,7 +9,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 from test_interop_llama import (TOL, hf_logits, jax_logits, load_hf, max_diff,  # noqa: E402
-                                roundtrip, save_random_hf, tokens)
+                                roundtrip, same_params, save_random_hf, tokens)
 
 from jaxlm.interop.hf import export_hf, import_hf  # noqa: E402
 
@@ -43,8 +43,7 @@ def case(request, tmp_path_factory):
     if name not in _BUILT:
         path = str(tmp_path_factory.mktemp(name) / "hf")
         save_random_hf(CASES[name](), transformers.StableLmForCausalLM, path, seed=len(name))
-        _BUILT[name] = {"name": name, "dir": path, **dict(zip(
-            ("cfg", "params", "ref", "ours", "back"), roundtrip({"dir": path}, tmp_path_factory)))}
+        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory)}
     return _BUILT[name]
 
 
@@ -54,6 +53,11 @@ def test_import_matches_transformers(case):
 
 def test_export_loads_in_transformers_with_same_logits(case):
     assert max_diff(case["back"], case["ref"]) <= TOL
+
+
+def test_export_then_import_is_exact(case):
+    cfg, params = case["again"]
+    assert cfg == case["cfg"] and same_params(params, case["params"])
 
 
 def test_imported_config_fields(case):

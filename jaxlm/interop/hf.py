@@ -315,6 +315,7 @@ def export_hf(cfg: ModelConfig, params: Mapping, out_dir: str, *,
             raise ValueError(f"copy_files: {path!r} is not a file")
     config_json = hf_config(cfg, extra_config)
     family = family_for_config(cfg)
+    params = jax.tree.map(np.asarray, params)  # host arrays once (no copy for NumPy inputs)
     shapes = param_shapes(cfg)
     _check_params(cfg, params, shapes)
     placements = plan(cfg, family, shapes)
