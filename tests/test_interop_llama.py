@@ -204,9 +204,14 @@ def test_sharded_checkpoints_read_and_write(base, tmp_path):
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     _, params = import_hf(str(tmp_path / "sharded"))
     assert same_params(params, base["params"])
-    out = export_hf(base["cfg"], params, str(tmp_path / "ours"), max_shard_bytes=30_000)
+    (tmp_path / "tokenizer.json").write_text('{"model": {}}')
+    out = export_hf(base["cfg"], params, str(tmp_path / "ours"), max_shard_bytes=30_000,
+                    extra_config={"eos_token_id": 7}, copy_files=[str(tmp_path / "tokenizer.json")])
     with open(os.path.join(out, "model.safetensors.index.json")) as f:
         assert len(set(json.load(f)["weight_map"].values())) > 2
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["eos_token_id"] == 7
+    assert open(os.path.join(out, "tokenizer.json")).read() == '{"model": {}}'
     toks = tokens(base["cfg"].vocab_size)
     assert max_diff(hf_logits(load_hf(out), toks), base["ref"]) <= TOL
 
