@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -76,8 +76,8 @@ def _header(path: str) -> tuple[dict, int]:
 
 
 class Reader:
-    """Reads stored tensors (whole or a range of rows of axis 0) as float32 NumPy arrays,
-    keeping one open handle per shard."""
+    """Reads stored tensors (whole or a range of rows of axis 0; at least 1-D) as float32 NumPy
+    arrays, keeping one open handle per shard."""
 
     def __init__(self):
         self._open: dict[str, object] = {}
@@ -98,9 +98,7 @@ class Reader:
         if t.file not in self._open:
             handle = safe_open(t.file, framework="numpy")
             self._open[t.file] = handle.__enter__()
-        piece = self._open[t.file].get_slice(t.name)
-        array = piece[start:stop] if t.shape else piece[:]
-        return np.asarray(array, dtype=np.float32)
+        return np.asarray(self._open[t.file].get_slice(t.name)[start:stop], dtype=np.float32)
 
     def _raw_rows(self, t: StoredTensor, start: int, stop: int) -> np.ndarray:
         if t.file not in self._headers:
@@ -109,10 +107,9 @@ class Reader:
         begin, _ = header[t.name]["data_offsets"]
         row = int(np.prod(t.shape[1:], dtype=np.int64))
         dtype = np.dtype(DTYPES[t.dtype])
-        count = (stop - start) * row if t.shape else 1
-        flat = np.fromfile(t.file, dtype=dtype, count=count,
+        flat = np.fromfile(t.file, dtype=dtype, count=(stop - start) * row,
                            offset=data_start + begin + start * row * dtype.itemsize)
-        return flat.reshape((stop - start,) + t.shape[1:] if t.shape else ())
+        return flat.reshape((stop - start,) + t.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +185,3 @@ def row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple[in
     step = max(1, chunk_bytes // max(row_bytes, 1))
     for start in range(0, max(rows, 1), step):
         yield start, min(start + step, rows)
-
-
-def describe_shapes(items: Iterable[tuple[str, tuple[int, ...]]]) -> str:
-    return ", ".join(f"{n}{list(s)}" for n, s in items)
