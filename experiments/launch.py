@@ -12,6 +12,11 @@ Without --config, eval and generate read the workdir's config.json.
 Bad input (an unknown or mistyped config field, a missing data path, a workdir holding another
 experiment) ends with one line `error: ...` on stderr and exit status 2, before anything is
 compiled or written.
+
+Multi-host: run the same command on every host with
+    --coordinator host0:1234 --num_processes N --process_id i
+or nothing extra under a launcher JAX detects (SLURM, Open MPI, TPU pods); each process loads its
+own rows of every batch and only process 0 prints and writes logs.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "what to do")
 flags.DEFINE_bool("overwrite", False, "train: start afresh even if the workdir holds another "
                   "experiment's config")
 flags.DEFINE_string("prompt", None, "generate: prompt text (default config.generate.prompt)")
+flags.DEFINE_string("coordinator", None, "multi-host: 'host:port' of process 0's coordinator")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, N)")
+flags.DEFINE_enum("distributed", "auto", ["auto", "off"], "auto: without --coordinator, start "
+                  "multi-host when a cluster launcher (SLURM, Open MPI, TPU pod) is detected")
 
 USER_ERRORS = (ConfigError, SourceError, ValueError, KeyError, FileNotFoundError)
 
@@ -96,6 +106,9 @@ def load_config():
 def main(argv: list[str]) -> None:
     parse_flags(argv)
     try:
+        from jaxlm.parallel import distributed  # before anything asks JAX for its devices
+        distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                               auto=FLAGS.distributed == "auto")
         cfg = load_config()
         if FLAGS.mode == "train" and _CONFIG.value is None:
             fail("--mode train needs --config")
@@ -103,12 +116,14 @@ def main(argv: list[str]) -> None:
         if FLAGS.mode == "train":
             summary = loop.train(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite)
             run, state = summary["run"], summary["state"]
-            print(f"final held-out loss {summary['eval_loss']:.4f} nats/token "
-                  f"(unigram baseline {summary['unigram_loss']:.4f})")
+            if distributed.is_main_process():
+                print(f"final held-out loss {summary['eval_loss']:.4f} nats/token "
+                      f"(unigram baseline {summary['unigram_loss']:.4f})")
             _print_sample(run, state, cfg.generate.prompt, cfg)
         elif FLAGS.mode == "eval":
             result = loop.evaluate_checkpoint(cfg, FLAGS.workdir)
-            print(json.dumps(result))
+            if distributed.is_main_process():
+                print(json.dumps(result))
         else:
             run, state = loop.restore_for_inference(cfg, FLAGS.workdir)
             _print_sample(run, state, FLAGS.prompt if FLAGS.prompt is not None
@@ -120,8 +135,16 @@ def main(argv: list[str]) -> None:
 def _print_sample(run, state, prompt: str, cfg) -> None:
     from jaxlm.data.tokenizers import EOT
     from jaxlm.infer.generate import generate_uncached
+    from jaxlm.parallel import distributed
+    variables = {"params": state.params, **state.model_state}
+    if not distributed.is_single_process():
+        # Every process takes part in gathering the weights; process 0 alone then samples on
+        # its own devices.
+        variables = distributed.to_host(variables)
+        if not distributed.is_main_process():
+            return
     g = cfg.generate
-    ids = generate_uncached(run.model, {"params": state.params, **state.model_state},
+    ids = generate_uncached(run.model, variables,
                             run.tokenizer.encode(prompt), g.max_new_tokens,
                             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
                             stop_ids=(run.tokenizer.special_id(EOT),))

@@ -1,5 +1,5 @@
 """One device mesh with axes ('data', 'expert', 'tensor'); tensor is innermost so its
-collectives stay between neighbouring devices."""
+collectives stay between neighbouring devices (and, on several hosts, inside one host)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
+
+from jaxlm.parallel.validate import ShardingError
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -18,16 +20,21 @@ def make_mesh(data: int = -1, tensor: int = 1, expert: int = 1,
     smaller than the device count (its size dividing it) uses the first devices."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
+    for name, size in (("data", data), ("tensor", tensor), ("expert", expert)):
+        if size < 1 and not (name == "data" and size == -1):
+            raise ShardingError(f"parallel.{name}={size}: expected a positive mesh axis size"
+                                + (" (or -1 for the devices left over)" if name == "data" else ""))
     fixed = tensor * expert
     if data == -1:
         if n % fixed:
-            raise ValueError(f"mesh tensor={tensor} × expert={expert} = {fixed} does not divide "
-                             f"the {n} devices")
+            raise ShardingError(f"parallel.tensor={tensor} × parallel.expert={expert} = {fixed}: "
+                                f"expected a divisor of the {n} devices")
         data = n // fixed
     size = data * fixed
     if size > n or n % size:
-        raise ValueError(f"mesh data={data} × expert={expert} × tensor={tensor} = {size} does "
-                         f"not divide the {n} devices")
+        raise ShardingError(f"parallel.data={data} × parallel.expert={expert} × "
+                            f"parallel.tensor={tensor} = {size} devices: expected a divisor of "
+                            f"the {n} devices")
     return Mesh(np.asarray(devices[:size]).reshape(data, expert, tensor), MESH_AXES)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from jaxlm.parallel.mesh import MESH_AXES
+from jaxlm.parallel.validate import ShardingError
 
 Rules = tuple[tuple[str, object], ...]
 
@@ -42,12 +43,18 @@ def make_rules(overrides: Sequence[str] = ()) -> Rules:
     """DEFAULT_RULES with 'name=axis[,axis]' overrides ('name=' replicates that name)."""
     table = dict(DEFAULT_RULES)
     for entry in overrides:
-        name, _, axes = entry.partition("=")
+        name, sep, axes = entry.partition("=")
         name = name.strip()
+        if not sep:
+            raise ShardingError(f"parallel.rules entry {entry!r}: expected "
+                                "'logical_name=mesh_axis[,mesh_axis]'")
+        if name not in table:
+            raise ShardingError(f"parallel.rules entry {entry!r}: unknown logical axis "
+                                f"{name!r}; expected one of {list(table)}")
         parts = tuple(a.strip() for a in axes.split(",") if a.strip())
         for axis in parts:
             if axis not in MESH_AXES:
-                raise ValueError(f"parallel.rules entry {entry!r}: unknown mesh axis {axis!r}; "
-                                 f"expected one of {list(MESH_AXES)}")
+                raise ShardingError(f"parallel.rules entry {entry!r}: unknown mesh axis "
+                                    f"{axis!r}; expected one of {list(MESH_AXES)}")
         table[name] = parts[0] if len(parts) == 1 else (parts or None)
     return tuple(table.items())

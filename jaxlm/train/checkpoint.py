@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlm.parallel import distributed
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, every: int = 1, async_save: bool = True):
@@ -28,9 +30,13 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict | None, meta: dict,
              force: bool = False) -> bool:
-        """Saves if `step` is on the interval (or `force`); returns whether it saved."""
+        """Saves if `step` is on the interval (or `force`); returns whether it saved.
+        In a multi-process run every process calls this; each one's data state is kept."""
+        if not force and not self.manager.should_save(step):
+            return False
+        data_state = distributed.pack_process_state(data_state or {})
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state or {}),
+                                  data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=force)
 
@@ -42,7 +48,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of checkpoint `step`, placed per `abstract_state`'s
-        shardings (a pytree of jax.ShapeDtypeStruct with .sharding)."""
+        shardings (a pytree of jax.ShapeDtypeStruct with .sharding). A multi-process run's
+        data_state holds every process's entry (`distributed.unpack_process_state`)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxlm.data import pipeline
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.models.decoder import Decoder
-from jaxlm.parallel import sharding
+from jaxlm.parallel import distributed, sharding, validate, zero
 from jaxlm.parallel.mesh import mesh_from_config
 from jaxlm.parallel.rules import make_rules
 from jaxlm.schema import ConfigError
@@ -80,10 +80,15 @@ def check_batch_tokens(batch: dict, vocab_size: int, step: int) -> None:
 
 
 def build_run(cfg, shardings_transform=None) -> Run:
+    """`shardings_transform` defaults to the ZeRO stage of `cfg.parallel.zero`."""
     tokenizer = load_tokenizer(cfg.data)
     check_vocab(cfg, tokenizer)
     mesh = mesh_from_config(cfg.parallel)
+    validate.check_processes(mesh)
+    validate.check_batch(cfg.data.batch_size, cfg.train.grad_accum_steps, mesh)
     rules = make_rules(cfg.parallel.rules)
+    if shardings_transform is None:
+        shardings_transform = zero.transform(cfg.parallel.zero)
     model = Decoder(cfg.model)
     tx = optimizer.make_optimizer(cfg.train)
     schedule = optimizer.learning_rate_schedule(cfg.train)
@@ -124,9 +129,13 @@ def evaluate(eval_step, state, batches: list[dict], batch_sharding) -> float:
     total, weight = 0.0, 0.0
     for batch in batches:
         ce, w = eval_step(state.params, state.model_state,
-                          jax.device_put(batch, batch_sharding))
+                          distributed.replicated_batch(batch, batch_sharding))
         total, weight = total + float(ce), weight + float(w)
     return total / max(weight, 1.0)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
@@ -139,7 +148,9 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
     eval_sets = {name: pipeline.take(ds, tcfg.eval_batches)
                  for name, ds in pipeline.eval_datasets(dcfg, run.tokenizer).items()}
     prepare_workdir(cfg, workdir, overwrite)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main_process()
+    if not is_main:
+        log = _silent  # only process 0 prints and writes
     writer = MetricWriter(workdir, enabled=is_main)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
                                 every=tcfg.checkpoint_every, async_save=tcfg.async_checkpoint)
@@ -147,7 +158,7 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
     latest = checkpointer.latest_step()
     if latest is not None:
         state, data_state, _ = checkpointer.restore(latest, run.abstract_state())
-        data_iter.set_state(data_state)
+        data_iter.set_state(distributed.unpack_process_state(data_state))
         log(f"resumed from {checkpointer.directory}/{latest}")
     else:
         state = state_lib.create_state(run.model, run.tx, jax.random.key(tcfg.seed),
@@ -158,8 +169,9 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
             step_lib.make_train_step(run.model, run.tx, run.schedule,
                                      accum_steps=tcfg.grad_accum_steps, z_loss=tcfg.z_loss,
                                      seed=tcfg.seed),
-            run.state_shardings, run.batch_sharding)
-        eval_step = jax.jit(step_lib.make_eval_step(run.model))
+            run.state_shardings, run.batch_sharding, sharding.replicated(run.mesh))
+        eval_step = jax.jit(step_lib.make_eval_step(run.model),
+                            out_shardings=sharding.replicated(run.mesh))
 
         unigram = pipeline.unigram_cross_entropy(
             pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_sets["heldout"],
@@ -193,8 +205,9 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
         for step in range(start, tcfg.steps):
             batch = next(data_iter)
             check_batch_tokens(batch, cfg.model.vocab_size, step)
-            state, metrics = train_step(state, jax.device_put(batch, run.batch_sharding))
-            window_tokens += batch["inputs"].size
+            state, metrics = train_step(state, distributed.global_batch(
+                batch, run.batch_sharding, dcfg.batch_size))
+            window_tokens += batch["inputs"].size * jax.process_count()
             if pending is not None:
                 flush(pending)
                 pending = None
@@ -213,8 +226,9 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
                                        in last_evals.items() if name != "heldout"}})
                 others = "".join(f", {name} {value:.4f}" for name, value in last_evals.items()
                                  if name != "heldout")
-                bar.write(f"step {done}: held-out loss {last_eval:.4f}{others} "
-                          f"(unigram baseline {unigram:.4f})")
+                if is_main:
+                    bar.write(f"step {done}: held-out loss {last_eval:.4f}{others} "
+                              f"(unigram baseline {unigram:.4f})")
             checkpointer.save(done, state, data_iter.get_state(),
                               {"config": config_to_dict(cfg), "step": done},
                               force=done == tcfg.steps)
@@ -246,8 +260,9 @@ def evaluate_checkpoint(cfg, workdir: str) -> dict:
     batches = pipeline.take(pipeline.heldout_dataset(cfg.data, run.tokenizer),
                             cfg.train.eval_batches)
     with sharding.activation_sharding(run.mesh, run.rules):
-        loss = evaluate(jax.jit(step_lib.make_eval_step(run.model)), state, batches,
-                        run.batch_sharding)
+        loss = evaluate(jax.jit(step_lib.make_eval_step(run.model),
+                                out_shardings=sharding.replicated(run.mesh)),
+                        state, batches, run.batch_sharding)
     unigram = pipeline.unigram_cross_entropy(pipeline.open_documents(cfg.data, "train"),
                                              run.tokenizer, batches, cfg.model.vocab_size)
     return {"step": int(state.step), "eval_loss": loss, "unigram_loss": unigram}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxlm.parallel import sharding
+from jaxlm.parallel import sharding, validate
 from jaxlm.parallel.rules import Rules
 
 
@@ -43,12 +43,14 @@ def abstract_state(model, tx, rng, seq_len) -> TrainState:
 
 def state_shardings(model, tx, mesh: Mesh, rules: Rules, seq_len: int,
                     transform: Callable | None = None):
-    """NamedShardings of every TrainState leaf. `transform(abstract_boxed_state, mesh, rules)`
-    may rewrite them (the ZeRO stages do)."""
+    """NamedShardings of every TrainState leaf. `transform(abstract_boxed_state, shardings,
+    mesh)` may rewrite them (the ZeRO stages do: `jaxlm.parallel.zero.transform`). Every leaf
+    is checked to divide its mesh axes here, before anything compiles."""
     abstract = abstract_state(model, tx, jax.random.key(0), seq_len)
     shardings = sharding.mesh_shardings(abstract, mesh, rules)
     if transform is not None:
         shardings = transform(abstract, shardings, mesh)
+    validate.check_divisible(abstract, shardings, mesh)
     return shardings
 
 

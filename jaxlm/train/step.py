@@ -110,7 +110,8 @@ def make_eval_step(model):
     return eval_step
 
 
-def jit_train_step(train_step, state_shardings, batch_sharding) -> Any:
-    """One jit with explicit shardings and a donated state."""
+def jit_train_step(train_step, state_shardings, batch_sharding, metrics_sharding=None) -> Any:
+    """One jit with explicit shardings and a donated state (metrics replicated when
+    `metrics_sharding` is given, so every process can read them)."""
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+                   out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
