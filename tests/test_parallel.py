@@ -52,13 +52,13 @@ def to_numpy(tree):
 def setup():
     model = Decoder(CFG)
     tx, schedule = optimizer.make_optimizer(TCFG), optimizer.learning_rate_schedule(TCFG)
-    init = jax.jit(lambda r: nn.unbox(state_lib.boxed_state(model, tx, r, SEQ)))(
-        jax.random.key(0))
+    init = jax.jit(lambda r: nn.unbox(state_lib.boxed_state(model, tx, r, SEQ)),
+                   compiler_options=FAST_COMPILE)(jax.random.key(0))
     return model, tx, schedule, to_numpy(init), batches()
 
 
 def train_on(setup, mesh, stage, steps=STEPS):
-    """Runs `steps` train steps on `mesh` with ZeRO `stage`; (losses, final state)."""
+    """Runs `steps` train steps on `mesh` with ZeRO `stage`; (losses, final state, HLO)."""
     model, tx, schedule, init, data = setup
     rules = make_rules()
     shardings = state_lib.state_shardings(model, tx, mesh, rules, SEQ, zero.transform(stage))
@@ -74,12 +74,12 @@ def train_on(setup, mesh, stage, steps=STEPS):
         for batch in global_batches:
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-    return losses, state
+    return losses, state, step.as_text()
 
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    losses, state = train_on(setup, make_mesh(data=1), 0)
+    losses, state, _ = train_on(setup, make_mesh(data=1), 0)
     return losses, to_numpy(state)
 
 
@@ -95,7 +95,7 @@ def trained(setup):
 def test_every_mesh_and_zero_stage_trains_like_one_device(reference, trained, data, tensor,
                                                           stage):
     ref_losses, ref_state = reference
-    losses, state = trained[(data, tensor, stage)]
+    losses, state, _ = trained[(data, tensor, stage)]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] != losses[0]  # the parameters did move
     flat = jax.tree_util.tree_flatten_with_path(to_numpy(state))[0]
@@ -135,7 +135,7 @@ def expected_spec(logical, with_data):
 
 @pytest.mark.parametrize("stage", zero.STAGES)
 def test_partition_specs_of_params_and_optimizer_state_follow_the_rules(trained, stage):
-    _, state = trained[(2, 4, stage)]
+    _, state, _ = trained[(2, 4, stage)]
     mesh = make_mesh(data=2, tensor=4)
     params = {validate.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
         state.params)[0]}
@@ -157,6 +157,20 @@ def test_partition_specs_of_params_and_optimizer_state_follow_the_rules(trained,
     replicated_over_data = sum(x.nbytes // mesh.shape["tensor"] if any(
         s == "tensor" for s in x.sharding.spec) else x.nbytes for x in moments.values())
     assert per_device * (2 if stage else 1) == replicated_over_data
+
+
+def test_zero_stages_show_in_the_compiled_step(trained):
+    """ZeRO-0: gradients all-reduced, nothing gathered. ZeRO-1: the sharded update is followed
+    by all-gathers of the new parameters, outside the layer loop. ZeRO-3: weights are gathered
+    layer by layer inside the loop (forward and backward), never all at once before it."""
+    counts = {z: (hlo.collective_counts(trained[(8, 1, z)][2]),
+                  hlo.collective_counts(trained[(8, 1, z)][2], loop_body=True))
+              for z in zero.STAGES}
+    assert counts[0][0]["all-gather"] == 0 and counts[0][0]["all-reduce"] >= 1
+    assert counts[1][1]["all-gather"] == 0 and counts[1][0]["all-gather"] >= len(LOGICAL)
+    block_weights = sum(path.startswith("blocks/") for path in LOGICAL)  # 9
+    assert counts[3][1]["all-gather"] == 2 * block_weights  # forward + backward, per layer
+    assert counts[3][0]["all-gather"] - counts[3][1]["all-gather"] < block_weights
 
 
 def test_zero_picks_the_largest_free_divisible_dim_and_replicates_when_none():
@@ -204,7 +218,7 @@ def test_tensor_parallel_forward_has_one_all_reduce_per_attention_and_mlp_block(
 
 def test_checkpoint_saved_on_data8_restores_onto_data2_tensor4(setup, trained, tmp_path):
     model, tx, _, _, _ = setup
-    _, state = trained[(8, 1, 1)]
+    _, state, _ = trained[(8, 1, 1)]
     checkpointer = Checkpointer(str(tmp_path), async_save=False)
     checkpointer.save(STEPS, state, {"position": 3}, {"note": "data=8"}, force=True)
     mesh = make_mesh(data=2, tensor=4)
