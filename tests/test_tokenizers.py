@@ -10,7 +10,7 @@ import pytest
 
 from jaxlm.data.config import DataConfig
 from jaxlm.data.tokenizers import (EOT, FIM_PAD, SPECIAL_TOKENS, ByteTokenizer, HFTokenizer,
-                                   TokenizerError, load_tokenizer, train_bpe)
+                                   TokenizerError, bpe_cache_path, load_tokenizer, train_bpe)
 
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 
@@ -126,3 +126,20 @@ def test_sentencepiece_style_vocabulary_counts_bytes(tmp_path):
     tok = HFTokenizer(str(path))
     assert tok.vocab_size == 5
     np.testing.assert_array_equal(tok.bytes_per_token(np.array([0, 1, 2, 3])), [0, 6, 1, 2])
+
+
+def test_bpe_cache_follows_its_fields_and_retrains_identically(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path))
+    fields = dict(tokenizer="bpe", sources=(f"text:{STDLIB_JSON}",), bpe_vocab_size=300,
+                  heldout_fraction=0.0)
+    cfg = DataConfig(**fields)
+    path = bpe_cache_path(cfg)
+    assert path.startswith(str(tmp_path / "tokenizers")) and path == bpe_cache_path(DataConfig(**fields))
+    for change in (dict(bpe_vocab_size=301), dict(bpe_train_chars=10), dict(heldout_fraction=0.1),
+                   dict(sources=("stdlib",))):
+        assert bpe_cache_path(DataConfig(**{**fields, **change})) != path
+    assert load_tokenizer(cfg, log=lambda m: None).vocab_size == 300 and os.path.exists(path)
+    first = open(path, "rb").read()
+    os.remove(path)
+    load_tokenizer(cfg, log=lambda m: None)
+    assert open(path, "rb").read() == first  # deterministic: a lost cache comes back the same

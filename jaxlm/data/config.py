@@ -19,7 +19,9 @@ class DataConfig:
     tokenizer: str = field("byte", "tokenizer backend: byte-level, a BPE trained here on "
                            "data.sources (on first use if tokenizer_path does not exist), or any "
                            "tokenizer.json file", choices=("byte", "bpe", "file"))
-    tokenizer_path: str = field("", "bpe / file: path of the tokenizer.json")
+    tokenizer_path: str = field("", "file: the tokenizer.json; bpe: where the trained BPE is "
+                                "cached (empty: ~/.cache/jaxlm/tokenizers/<hash of the BPE's "
+                                "data fields>.json)")
     bpe_vocab_size: int = field(4096, "bpe: vocabulary size to train, special tokens included",
                                 min=261)
     bpe_train_chars: int = field(20_000_000, "bpe: characters of training-split text the BPE "
@@ -63,7 +65,7 @@ class DataConfig:
                 raise ConfigError(f"data.stages[{i}].weights={weights}: expected non-negative "
                                   "weights with a positive sum")
             previous = start
-        if self.tokenizer in ("bpe", "file") and not self.tokenizer_path:
+        if self.tokenizer == "file" and not self.tokenizer_path:
             raise ConfigError(f"data.tokenizer_path='': expected a tokenizer.json path with "
                               f"data.tokenizer={self.tokenizer!r}")
 

@@ -6,8 +6,10 @@ Three backends (`data.tokenizer`):
 * `byte`: ids 0–255 are the UTF-8 bytes, followed by the special tokens in `SPECIAL_TOKENS`
   order.
 * `bpe`: a byte-level BPE trained here with Hugging Face `tokenizers` on the training split of
-  `data.sources` (`train_bpe`); the five special tokens come first. `data.tokenizer_path` is its
-  cache: trained on first use when the file does not exist, loaded otherwise.
+  `data.sources` (`train_bpe`); the five special tokens come first. `data.tokenizer_path` (or,
+  when empty, `bpe_cache_path`: a file named by a hash of the fields it is trained from) is its
+  cache: trained on first use when the file does not exist, loaded otherwise. Training is
+  deterministic, so a deleted cache comes back identical.
 * `file`: any existing `tokenizer.json`; it must carry `<|endoftext|>` (and the four FIM tokens
   when `data.fim_rate > 0`).
 
@@ -18,8 +20,10 @@ ordinary text, so only the pipeline places special tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import time
 from typing import Iterator, Protocol, Sequence
 
@@ -213,12 +217,26 @@ def train_bpe(data_cfg, vocab_size: int, out_path: str, log=print) -> str:
     return out_path
 
 
+def bpe_cache_path(data_cfg) -> str:
+    """Where `data.tokenizer='bpe'` keeps its tokenizer when `data.tokenizer_path` is empty: a
+    file named by a hash of everything the BPE is trained from (sources, their stage-0 weights,
+    the held-out fraction, vocabulary size, character budget, Python version — the `stdlib`
+    and `pydocs` corpora are the interpreter's), so a changed field trains a new one."""
+    key = json.dumps([list(data_cfg.sources), list(data_cfg.schedule()[0][1]),
+                      data_cfg.heldout_fraction, data_cfg.bpe_vocab_size,
+                      data_cfg.bpe_train_chars, sys.version_info[:2]])
+    root = os.environ.get("JAXLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxlm"))
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:12]
+    return os.path.join(root, "tokenizers", f"bpe{data_cfg.bpe_vocab_size}-{digest}.json")
+
+
 def load_tokenizer(data_cfg, log=print) -> Tokenizer:
     """The tokenizer named by `data.tokenizer` (and `data.tokenizer_path`)."""
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
     path = data_cfg.tokenizer_path
     if data_cfg.tokenizer == "bpe":
+        path = path or bpe_cache_path(data_cfg)
         if not os.path.exists(path):
             train_bpe(data_cfg, data_cfg.bpe_vocab_size, path, log=log)
         tok = HFTokenizer(path, required=SPECIAL_TOKENS)
