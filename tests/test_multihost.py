@@ -134,7 +134,7 @@ def test_per_process_data_state_round_trip_and_mismatch():
 
 
 def clear_cluster_env(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS",
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS",
                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
 

@@ -23,15 +23,10 @@ from jax.sharding import Sharding
 
 from jaxlm.parallel.validate import ShardingError
 
-_INITIALIZED = {"done": False}
-
-
 def cluster_environment() -> str | None:
     """Name of a multi-process launcher that `jax.distributed.initialize()` can read its
     coordinator, process count and id from, or None for a plain single-process run."""
     env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-        return "jax"
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
         return "slurm"
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
@@ -54,7 +49,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     With `coordinator` ('host:port') all three arguments are needed. Without it, and `auto`, a
     detected cluster environment (see `cluster_environment`) initializes from its variables;
     otherwise nothing happens and the run is single-process."""
-    if _INITIALIZED["done"]:
+    if jax.distributed.is_initialized():
         return jax.process_count() > 1
     if coordinator is None and (num_processes is not None or process_id is not None):
         raise ShardingError("--num_processes/--process_id given without --coordinator: expected "
@@ -76,7 +71,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize()
     else:
         return False
-    _INITIALIZED["done"] = True
     return jax.process_count() > 1
 
 
