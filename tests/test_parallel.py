@@ -105,6 +105,19 @@ def test_every_mesh_and_zero_stage_trains_like_one_device(reference, trained, da
                                    err_msg=validate.path_str(path))
 
 
+def test_expert_axis_carries_batch_rows_too(setup, reference):
+    """A dense model on data=2 × expert=2 × tensor=2: rows split 4 ways over (data, expert),
+    ZeRO-1 moments over data only; same training as one device."""
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    losses, state, _ = train_on(setup, mesh, 1)
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(reference[1])):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    mu = state.opt_state[1][0].mu["blocks"]["slot_0"]["mlp"]["gate_proj"]["kernel"]
+    assert mu.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data", "tensor")), 3)
+    assert sharding.batch_sharding(mesh).shard_shape((BATCH, SEQ)) == (BATCH // 4, SEQ)
+
+
 # Logical axes of every parameter of the tiny model, written out from the layer code (an
 # independent statement of what the rules table must produce).
 LOGICAL = {
