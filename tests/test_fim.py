@@ -10,8 +10,8 @@ import pytest
 
 from jaxlm.data import pipeline
 from jaxlm.data.config import DataConfig
-from jaxlm.data.fim import FimIds, FimRows, cut_points, fim_document, fim_piece, undo_fim
-from jaxlm.data.tokenizers import EOT, ByteTokenizer, load_tokenizer
+from jaxlm.data.fim import FimIds, cut_points, fim_document, fim_piece, undo_fim
+from jaxlm.data.tokenizers import ByteTokenizer, load_tokenizer
 
 STDLIB_JSON = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 
