@@ -5,9 +5,11 @@
         --config.train.steps=20 --config.model.num_layers=2
     python experiments/launch.py --mode generate --workdir runs/qs --prompt "def add(a, b):"
 
-Modes: train (default; resumes from the workdir's newest checkpoint), eval (held-out loss of the
-newest checkpoint), generate (sample a continuation of --prompt or config.generate.prompt).
-Without --config, eval and generate read the workdir's config.json.
+Each mode lives in its own module under experiments/modes/ (its flags and a `run(ctx)`):
+train (default; resumes from the workdir's newest checkpoint), eval (held-out loss of the
+newest checkpoint), generate (sample a continuation of --prompt or config.generate.prompt),
+train_tokenizer (train config.data's byte-level BPE into data.tokenizer_path or its cache).
+Without --config, modes other than train read the workdir's config.json.
 
 Bad input (an unknown or mistyped config field, a missing data path, a workdir holding another
 experiment) ends with one line `error: ...` on stderr and exit status 2, before anything is
@@ -28,8 +30,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+from experiments.modes import MODES  # noqa: E402
 from jaxlm import config as config_lib  # noqa: E402
 from jaxlm.data.sources import SourceError  # noqa: E402
 from jaxlm.schema import ConfigError, unknown_key_error  # noqa: E402
@@ -39,10 +42,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file `path.py[:variant]`; fields overridable as --config.a.b=value",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (config.json, checkpoints, metrics)")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "what to do")
-flags.DEFINE_bool("overwrite", False, "train: start afresh even if the workdir holds another "
-                  "experiment's config")
-flags.DEFINE_string("prompt", None, "generate: prompt text (default config.generate.prompt)")
+flags.DEFINE_enum("mode", "train", sorted(MODES), "what to do")
 flags.DEFINE_string("coordinator", None, "multi-host: 'host:port' of process 0's coordinator")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index in [0, N)")
@@ -64,8 +64,8 @@ def parse_flags(argv: list[str]) -> None:
         fail(_explain_flag_error(e, argv))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         fail(_explain_flag_error(e, argv))
-    if FLAGS.workdir is None:
-        fail("--workdir is required")
+    if FLAGS.workdir is None and getattr(MODES[FLAGS.mode], "NEEDS_WORKDIR", True):
+        fail(f"--workdir is required with --mode {FLAGS.mode}")
 
 
 def _explain_flag_error(error: Exception, argv: list[str]) -> str:
@@ -103,53 +103,28 @@ def load_config():
         return config_lib.parse_config(json.load(f))
 
 
+class Context:
+    """What a mode's `run(ctx)` gets: the flags, the workdir, and the config on demand."""
+
+    def __init__(self):
+        self.flags = FLAGS
+        self.workdir = FLAGS.workdir
+        self.config_given = _CONFIG.value is not None
+        self.fail = fail
+
+    def config(self):
+        return load_config()
+
+
 def main(argv: list[str]) -> None:
     parse_flags(argv)
     try:
         from jaxlm.parallel import distributed  # before anything asks JAX for its devices
         distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
                                auto=FLAGS.distributed == "auto")
-        cfg = load_config()
-        if FLAGS.mode == "train" and _CONFIG.value is None:
-            fail("--mode train needs --config")
-        from jaxlm.train import loop  # imported late: flag errors never wait for JAX
-        if FLAGS.mode == "train":
-            summary = loop.train(cfg, FLAGS.workdir, overwrite=FLAGS.overwrite)
-            run, state = summary["run"], summary["state"]
-            if distributed.is_main_process():
-                print(f"final held-out loss {summary['eval_loss']:.4f} nats/token "
-                      f"(unigram baseline {summary['unigram_loss']:.4f})")
-            _print_sample(run, state, cfg.generate.prompt, cfg)
-        elif FLAGS.mode == "eval":
-            result = loop.evaluate_checkpoint(cfg, FLAGS.workdir)
-            if distributed.is_main_process():
-                print(json.dumps(result))
-        else:
-            run, state = loop.restore_for_inference(cfg, FLAGS.workdir)
-            _print_sample(run, state, FLAGS.prompt if FLAGS.prompt is not None
-                          else cfg.generate.prompt, cfg)
+        MODES[FLAGS.mode].run(Context())
     except USER_ERRORS as e:
         fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
-
-
-def _print_sample(run, state, prompt: str, cfg) -> None:
-    from jaxlm.data.tokenizers import EOT
-    from jaxlm.infer.generate import generate_uncached
-    from jaxlm.parallel import distributed
-    variables = {"params": state.params, **state.model_state}
-    if not distributed.is_single_process():
-        # Every process takes part in gathering the weights; process 0 alone then samples on
-        # its own devices.
-        variables = distributed.to_host(variables)
-        if not distributed.is_main_process():
-            return
-    g = cfg.generate
-    ids = generate_uncached(run.model, variables,
-                            run.tokenizer.encode(prompt), g.max_new_tokens,
-                            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed,
-                            stop_ids=(run.tokenizer.special_id(EOT),))
-    print("--- sample ---")
-    print(prompt + run.tokenizer.decode(ids))
 
 
 if __name__ == "__main__":

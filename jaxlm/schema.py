@@ -113,7 +113,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{path}={value!r}: expected a tuple of {len(args)} items")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))) \
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))) \
             if args else tuple(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -91,3 +91,15 @@ def test_workdir_of_another_experiment_is_refused(trained, tmp_path):
     assert result.returncode == 2 and "different model config (differs in model.mlp_dim)" \
         in result.stderr
     assert sorted(os.listdir(workdir)) == before
+
+
+def test_train_tokenizer_mode_writes_a_tokenizer_with_the_specials(tmp_path):
+    out = tmp_path / "tok.json"
+    result = launch("--mode", "train_tokenizer", "--config",
+                    os.path.join(ROOT, "experiments/configs/stablecode_fim.py"),
+                    f"--config.data.tokenizer_path={out}", "--config.data.bpe_vocab_size=300")
+    assert result.returncode == 0, result.stderr[-2000:]
+    vocab = json.loads(out.read_text())["model"]["vocab"]
+    assert len(vocab) <= 300
+    added = {t["content"] for t in json.loads(out.read_text())["added_tokens"]}
+    assert {"<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"} <= added
