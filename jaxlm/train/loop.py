@@ -158,7 +158,8 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
     latest = checkpointer.latest_step()
     if latest is not None:
         state, data_state, _ = checkpointer.restore(latest, run.abstract_state())
-        data_iter.set_state(distributed.unpack_process_state(data_state))
+        if data_state:  # runs seeded by convert / upscale / merge start their data afresh
+            data_iter.set_state(distributed.unpack_process_state(data_state))
         log(f"resumed from {checkpointer.directory}/{latest}")
     else:
         state = state_lib.create_state(run.model, run.tx, jax.random.key(tcfg.seed),
