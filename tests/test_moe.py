@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.layers import moe
 from jaxlm.layers.moe import MoE, MoEConfig, grouped_matmul
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.decoder import Decoder
@@ -200,8 +201,9 @@ def test_small_capacity_drops_the_numpy_overflow(capacity_factor):
 
 # ---- grouped matmul --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("block", [1, 3, 8])
-def test_cpu_grouped_matmul_equals_ragged_dot(block):
+@pytest.mark.parametrize("block,wide_rows", [(1, 512), (3, 512), (8, 512), (2, 6)])
+def test_cpu_grouped_matmul_equals_ragged_dot(block, wide_rows, monkeypatch):
+    monkeypatch.setattr(moe, "WIDE_ROWS", wide_rows)  # (2, 6): 6-row chunks, then 2-row blocks
     rng = np.random.default_rng(3)
     group_sizes = jnp.asarray([7, 0, 12, 1, 9], jnp.int32)  # an empty group; 3 rows past the end
     lhs = jnp.asarray(rng.normal(size=(32, 10)), jnp.float32)
