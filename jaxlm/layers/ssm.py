@@ -14,7 +14,8 @@ a_t = Δt_t·A_h ≤ 0 and X̃_t = Δt_t·x_t:
 * ``chunked``: Mamba-2's SSD. Inside a chunk of Q steps the output is a masked quadratic
   (attention-like) form; chunk-final states are passed between chunks by a small
   [chunks+1, chunks+1] decay matrix. Nearly all work is batched matmuls and the memory is
-  (L/Q)·Hm·P·N + L·Q·Hm, so this is the default.
+  (L/Q)·Hm·P·N + L·Q·Hm, so this is the default. Its quadratic part has a hand-written
+  backward (`_intra_chunk_bwd`) that is all matmuls plus O(L) work; see there for why.
 
 Decay math is float32 (float64 if the inputs are); exponents are masked to −∞ *before* exp, so
 no inf·0 NaN reaches the forward or backward pass. Head h reads group h // (Hm/G): heads are
@@ -295,6 +296,10 @@ def ssd(x_blhp, dt_blh, A_h, B_blgn, C_blgn, D_h=None, *, method: str = "chunked
     B, C [b, l, G, N], D [Hm] or None, initial_state [b, Hm, P, N] or None (zeros).
     Returns (y [b, l, Hm, P] in x's dtype, final_state [b, Hm, P, N] float32 (float64 for
     float64 inputs)).
+
+    Everything inside runs in float32 whatever the input dtype: on the CPU bfloat16 matmuls
+    are slower, and the decay products need float32 anyway. An accelerator path would feed
+    the two big einsums of `_intra_chunk` bfloat16 operands with float32 accumulation.
     """
     _check_shapes(x_blhp, dt_blh, A_h, B_blgn, C_blgn)
     if method not in SCANS:
