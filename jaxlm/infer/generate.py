@@ -1,11 +1,15 @@
 """Generation without a cache: each new token re-runs the whole (fixed-size) window.
 
 O(n²) work, but one compiled function for every step and obviously correct, which makes it the
-reference that cached decoding is tested against.
+reference that cached decoding (`jaxlm.infer.decode`) is tested against. The window is the
+prompt plus the new tokens rounded up to a multiple of 32 (the model is causal, so the zeros
+after the current position are never read; MoE capacity dispatch is the exception), and the
+compiled step is shared by every call with the same model, sampling settings and window.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -30,20 +34,23 @@ def generate_uncached(model, variables: dict, prompt_ids: Sequence[int], max_new
         raise ValueError(f"generate: token id {int(prompt.max())} >= model.vocab_size="
                          f"{model.cfg.vocab_size}")
 
-    @jax.jit
-    def next_token(buffer_1t, position, rng):
-        logits, _ = model.apply(variables, buffer_1t)
-        return sample_token(logits[:, position - 1], rng, temperature, top_k, top_p)[0]
-
-    buffer = np.zeros((1, total), np.int32)
+    window = min(-(-total // 32) * 32, model.cfg.max_seq_len)
+    buffer = np.zeros((1, window), np.int32)
     buffer[0, :len(prompt)] = prompt
     rng = jax.random.key(seed)
     out = []
     for position in range(len(prompt), total):
         rng, step_rng = jax.random.split(rng)
-        token = int(next_token(jnp.asarray(buffer), position, step_rng))
+        token = int(_next_token(model, float(temperature), int(top_k), float(top_p), variables,
+                                jnp.asarray(buffer), position, step_rng))
         buffer[0, position] = token
         out.append(token)
         if token in stop_ids:
             break
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _next_token(model, temperature, top_k, top_p, variables, buffer_1t, position, rng):
+    logits, _ = model.apply(variables, buffer_1t)
+    return sample_token(logits[:, position - 1], rng, temperature, top_k, top_p)[0]

@@ -7,6 +7,11 @@ r = h/g queries per kv head, k head dim. Query head h is served by kv head h // 
 Masking: a query attends to key s when s ≤ its index (causal) and, if `segment_ids` are given,
 when both carry the same non-zero segment id (packed documents; 0 marks padding). Masked scores
 are filled with finfo(float32).min before a float32 softmax, as transformers does.
+
+Decoding (`cache=...`): the layer reads the keys/values of earlier steps from a preallocated
+cache and returns the *new* entries only; the decoder writes them for all layers at once
+(`jaxlm/models/decoder.py`). Scores against the cache and against the new tokens are two
+einsums whose results are joined before one softmax, so no step copies the cache.
 """
 
 from __future__ import annotations
@@ -41,6 +46,41 @@ def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask, scale: float, dtype):
     scores_bgrts = jnp.where(mask, scores_bgrts, jnp.finfo(jnp.float32).min)
     probs_bgrts = jax.nn.softmax(scores_bgrts, axis=-1).astype(dtype)
     out_btgrk = jnp.einsum("bgrts,bsgk->btgrk", probs_bgrts, v_bsgk)
+    return out_btgrk.reshape(b, t, h, k)
+
+
+def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale: float, dtype):
+    """Attention of t new queries over the cache and the t new keys.
+
+    cache: k, v [b, S, g, k] (entries of earlier steps), segment_ids [b, S] (0: padding or not
+    yet written), index [] (columns written so far). Without 'k'/'v' nothing is cached yet (a
+    prefill from an empty cache) and only the new keys are attended. A row is one sequence: a
+    non-zero segment id only marks a real token. New key u is seen by new query i when u ≤ i
+    and it is real.
+    """
+    b, t, h, k = q_bthk.shape
+    g = k_btgk.shape[2]
+    low = jnp.finfo(jnp.float32).min
+    q_btgrk = (q_bthk * jnp.asarray(scale, q_bthk.dtype)).reshape(b, t, g, h // g, k)
+    new_bgrtu = jnp.einsum("btgrk,bugk->bgrtu", q_btgrk, k_btgk,
+                           preferred_element_type=jnp.float32)
+    new_valid_btu = jnp.tril(jnp.ones((t, t), bool))[None]
+    if segment_ids_bt is not None:
+        new_valid_btu = new_valid_btu & (segment_ids_bt != 0)[:, None, :]
+    new_bgrtu = jnp.where(new_valid_btu[:, None, None], new_bgrtu, low)
+    if "k" not in cache:
+        probs_bgrtu = jax.nn.softmax(new_bgrtu, axis=-1).astype(dtype)
+        out_btgrk = jnp.einsum("bgrtu,bugk->btgrk", probs_bgrtu, v_btgk)
+        return out_btgrk.reshape(b, t, h, k)
+    cache_k_bsgk, cache_v_bsgk = cache["k"].astype(dtype), cache["v"].astype(dtype)
+    s = cache_k_bsgk.shape[1]
+    old_bgrts = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, cache_k_bsgk,
+                           preferred_element_type=jnp.float32)
+    old_valid_bs = (cache["segment_ids"] != 0) & (jnp.arange(s) < cache["index"])[None]
+    old_bgrts = jnp.where(old_valid_bs[:, None, None, None, :], old_bgrts, low)
+    probs = jax.nn.softmax(jnp.concatenate([old_bgrts, new_bgrtu], axis=-1), axis=-1).astype(dtype)
+    out_btgrk = (jnp.einsum("bgrts,bsgk->btgrk", probs[..., :s], cache_v_bsgk)
+                 + jnp.einsum("bgrtu,bugk->btgrk", probs[..., s:], v_btgk))
     return out_btgrk.reshape(b, t, h, k)
 
 
@@ -95,7 +135,12 @@ class OutProjection(nn.Module):
 
 class Attention(nn.Module):
     """Causal self-attention; returns [b, t, d]. Parameters: q_proj, k_proj, v_proj, o_proj
-    (and q_norm, k_norm with qk_norm)."""
+    (and q_norm, k_norm with qk_norm).
+
+    With `cache` (see `cached_attention`; positions are then the tokens' absolute positions)
+    it returns `(y [b, t, d], {'k', 'v': [b, t, g, k]})`: the output and the entries to write
+    at the cache index.
+    """
 
     num_heads: int
     num_kv_heads: int
@@ -112,7 +157,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt=None):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache: Optional[dict] = None):
         h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
         x_btd = x_btd.astype(self.dtype)
 
@@ -137,10 +182,17 @@ class Attention(nn.Module):
         k_btgk = nn.with_logical_constraint(k_btgk, ("batch", "length", "kv_heads", "head_dim"))
         v_btgk = nn.with_logical_constraint(v_btgk, ("batch", "length", "kv_heads", "head_dim"))
 
-        index_t = jnp.arange(x_btd.shape[1])
-        mask = attention_mask(index_t, index_t, segment_ids_bt, segment_ids_bt)
         scale = self.scale if self.scale is not None else k ** -0.5
-        out_bthk = dot_product_attention(q_bthk, k_btgk, v_btgk, mask, scale, self.dtype)
+        if cache is None:
+            index_t = jnp.arange(x_btd.shape[1])
+            mask = attention_mask(index_t, index_t, segment_ids_bt, segment_ids_bt)
+            out_bthk = dot_product_attention(q_bthk, k_btgk, v_btgk, mask, scale, self.dtype)
+        else:
+            out_bthk = cached_attention(q_bthk, k_btgk, v_btgk, cache, segment_ids_bt, scale,
+                                        self.dtype)
         out_bthk = nn.with_logical_constraint(out_bthk, ("batch", "length", "heads", "head_dim"))
-        return OutProjection(x_btd.shape[-1], self.out_bias, self.out_init_std, self.dtype,
-                             self.param_dtype, name="o_proj")(out_bthk)
+        y_btd = OutProjection(x_btd.shape[-1], self.out_bias, self.out_init_std, self.dtype,
+                              self.param_dtype, name="o_proj")(out_bthk)
+        if cache is None:
+            return y_btd
+        return y_btd, {"k": k_btgk, "v": v_btgk}

@@ -15,6 +15,14 @@ their coefficients, averaged over layers) that training adds to the loss, aux['m
 per-layer values to log (e.g. expert load). Non-parameter state that the forward pass updates
 in training (the MoE selection bias of aux-loss-free balancing) lives in the `router_state`
 collection: apply with `mutable=['router_state']` to get it back.
+
+Decoding: `apply(params, tokens, positions, segment_ids, cache=cache)` (cache from
+`jaxlm.infer.cache.init_cache`) runs the new tokens from the cached state and returns aux
+with 'cache' too: attention layers hand back their new keys/values, written here into the
+stacked [repeats, b, S, g, k] cache with one dynamic_update_slice per slot (in place inside a
+jitted loop), Mamba layers their new conv/SSM state. An attention slot without 'k'/'v' (what
+`init_cache` gives) holds nothing yet: its layers attend among the new tokens only and its
+arrays are allocated at the first write.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     kind: str  # 'attention' | 'mamba'
 
-    def mixer(self, x_btd, positions_bt, segment_ids_bt):
+    def mixer(self, x_btd, positions_bt, segment_ids_bt, cache=None):
+        """Mixer output, and with a cache also its new cache entries."""
         cfg = self.cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         if self.kind == "attention":
@@ -70,11 +79,11 @@ class DecoderLayer(nn.Module):
                 scale=cfg.attention_scale, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
                 qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
                 out_init_std=out_init_std(cfg), dtype=dtype, param_dtype=param_dtype,
-                name="attention")(x_btd, positions_bt, segment_ids_bt)
+                name="attention")(x_btd, positions_bt, segment_ids_bt, cache=cache)
         from jaxlm.layers.ssm import Mamba2  # the SSM room is optional for attention-only models
         return Mamba2(cfg.ssm, norm_eps=cfg.norm_eps, init_std=cfg.init_std,
                       out_init_std=out_init_std(cfg), dtype=dtype, param_dtype=param_dtype,
-                      name="mamba")(x_btd, segment_ids_bt)
+                      name="mamba")(x_btd, segment_ids_bt, cache=cache)
 
     def ffn(self, x_btd, deterministic):
         cfg = self.cfg
@@ -87,11 +96,13 @@ class DecoderLayer(nn.Module):
                    param_dtype=param_dtype, name="moe")(x_btd, deterministic=deterministic)
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic, cache=None):
         cfg = self.cfg
         residual = cfg.residual_multiplier
         h_btd = make_norm(cfg.norm, cfg.norm_eps, "mixer_norm")(x_btd)
-        mixed_btd = self.mixer(h_btd, positions_bt, segment_ids_bt)
+        mixed_btd = self.mixer(h_btd, positions_bt, segment_ids_bt, cache)
+        if cache is not None:
+            mixed_btd, new_cache = mixed_btd
         aux = {}
         if cfg.ffn == "none":
             x_btd = x_btd + residual * mixed_btd
@@ -103,8 +114,11 @@ class DecoderLayer(nn.Module):
             m_btd = make_norm(cfg.norm, cfg.norm_eps, "ffn_norm")(x_btd)
             ffn_btd, aux = self.ffn(m_btd, deterministic)
             x_btd = x_btd + residual * ffn_btd
-        return nn.with_logical_constraint(x_btd.astype(dtype_of(cfg.dtype)),
-                                          ("batch", "length", "embed")), aux
+        x_btd = nn.with_logical_constraint(x_btd.astype(dtype_of(cfg.dtype)),
+                                           ("batch", "length", "embed"))
+        if cache is not None:
+            return x_btd, aux, new_cache
+        return x_btd, aux
 
 
 class Block(nn.Module):
@@ -113,13 +127,25 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic):
-        auxes = []
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, deterministic, cache=None,
+                 context=None):
+        """`cache`: this repeat's per-slot caches; `context`: the cache's index and
+        segment_ids (shared by all layers). With a cache the scanned output is (auxes, new
+        per-slot entries)."""
+        auxes, new_caches = [], {}
         for slot, kind in enumerate(self.cfg.pattern):
-            x_btd, aux = DecoderLayer(self.cfg, kind, name=f"slot_{slot}")(
-                x_btd, positions_bt, segment_ids_bt, deterministic)
+            name = f"slot_{slot}"
+            layer = DecoderLayer(self.cfg, kind, name=name)
+            if cache is None:
+                x_btd, aux = layer(x_btd, positions_bt, segment_ids_bt, deterministic)
+            else:
+                layer_cache = dict(cache[name], **context) if kind == "attention" else cache[name]
+                x_btd, aux, new_caches[name] = layer(x_btd, positions_bt, segment_ids_bt,
+                                                     deterministic, layer_cache)
             auxes.append(aux)
-        return x_btd, auxes
+        if cache is None:
+            return x_btd, auxes
+        return x_btd, (auxes, new_caches)
 
 
 def _gather_over_layers(stacked_auxes: list[dict]) -> dict:
@@ -142,17 +168,25 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, cache: Optional[dict] = None):
         cfg = self.cfg
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+            start = 0 if cache is None else cache["index"]
+            positions_bt = jnp.broadcast_to(start + jnp.arange(tokens_bt.shape[1]),
+                                            tokens_bt.shape)
         embed = Embedding(cfg.vocab_size, cfg.embed_dim, cfg.init_std, dtype, param_dtype,
                           name="embed")
         x_btd = embed(tokens_bt)
         if cfg.embedding_multiplier != 1.0:
             x_btd = x_btd * jnp.asarray(cfg.embedding_multiplier, dtype)
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "length", "embed"))
+
+        if cache is not None:
+            x_btd, new_cache, stacked_auxes = self._cached_blocks(
+                x_btd, positions_bt, segment_ids_bt, deterministic, cache)
+            return self._logits(embed, x_btd), dict(_gather_over_layers(stacked_auxes),
+                                                    cache=new_cache)
 
         block = Block
         if cfg.remat != "none":
@@ -167,7 +201,53 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="blocks")
         x_btd, stacked_auxes = blocks(x_btd, positions_bt, segment_ids_bt, deterministic)
+        return self._logits(embed, x_btd), _gather_over_layers(stacked_auxes)
 
+    def _cached_blocks(self, x_btd, positions_bt, segment_ids_bt, deterministic, cache):
+        cfg = self.cfg
+        b, t = x_btd.shape[:2]
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones((b, t), jnp.int32)
+        index = cache["index"]
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0, "router_state": 0},
+            split_rngs={"params": True, "router": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.num_repeats,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="blocks")
+        context = {"index": index, "segment_ids": cache["segment_ids"]}
+        x_btd, (stacked_auxes, entries) = blocks(x_btd, positions_bt, segment_ids_bt,
+                                                 deterministic, cache["blocks"], context)
+        new_blocks = {}
+        for slot, kind in enumerate(cfg.pattern):
+            name = f"slot_{slot}"
+            if kind == "attention":  # entries [repeats, b, t, g, k] -> columns index .. index+t
+                new_blocks[name] = {}
+                for key in ("k", "v"):
+                    entry = entries[name][key]
+                    stored = cache["blocks"][name].get(key)
+                    if stored is None:  # nothing cached yet: allocate the slot's columns
+                        stored = jnp.zeros(entry.shape[:2] + cache["segment_ids"].shape[1:]
+                                           + entry.shape[3:], entry.dtype)
+                    new_blocks[name][key] = jax.lax.dynamic_update_slice(
+                        stored, entry.astype(stored.dtype), (0, 0, index, 0, 0))
+            else:
+                new_blocks[name] = {key: value.astype(cache["blocks"][name][key].dtype)
+                                    for key, value in entries[name].items()}
+        new_cache = {
+            "index": index + t,
+            "segment_ids": jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_bt.astype(cache["segment_ids"].dtype),
+                (0, index)),
+            "blocks": new_blocks,
+        }
+        return x_btd, new_cache, stacked_auxes
+
+    def _logits(self, embed, x_btd):
+        cfg = self.cfg
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         x_btd = make_norm(cfg.norm, cfg.norm_eps, "final_norm", param_dtype)(x_btd)
         if cfg.tie_embeddings:
             logits_btv = embed.attend(x_btd)
@@ -177,8 +257,7 @@ class Decoder(nn.Module):
         logits_btv = logits_btv.astype(jnp.float32)
         if cfg.logits_divisor != 1.0:
             logits_btv = logits_btv / cfg.logits_divisor
-        logits_btv = nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
-        return logits_btv, _gather_over_layers(stacked_auxes)
+        return nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
 
 
 def build_model(cfg: ModelConfig) -> Decoder:
