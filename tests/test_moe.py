@@ -1,8 +1,6 @@
 """MoE layer against a float64 NumPy reference that runs every expert densely and zeroes the
 weights outside the top-k (written here, independently of jaxlm/layers/moe.py)."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -515,8 +515,8 @@ class MoE(nn.Module):
     Parameters: router/kernel [D, E] (embed, None); wi_gate, wi_up [E, D, I] (experts, embed,
     mlp); wo [E, I, D] (experts, mlp, embed); shared/{gate,up,down}_proj when
     num_shared_experts ≥ 1 (one SwiGLU of width num_shared · shared width, named as `SwiGLU`'s).
-    The sigmoid_bias router keeps `router_state/selection_bias` [E], which training updates in the forward
-    pass (apply with mutable=['router_state']): b_e += γ·sign(mean load − load_e).
+    The sigmoid_bias router keeps `router_state/selection_bias` [E], which training updates in
+    the forward pass (apply with mutable=['router_state']): b_e += γ·sign(mean load − load_e).
     """
 
     cfg: MoEConfig
