@@ -34,7 +34,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxlm.interop import llama, stablelm
+from jaxlm.interop import granite, llama, mamba2, mixtral, stablelm
 from jaxlm.interop.safetensors_io import (PlannedTensor, Reader, StoredTensor, list_tensors,
                                           row_chunks, write_checkpoint)
 from jaxlm.interop.tables import Family, Tensor
@@ -42,7 +42,8 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.decoder import Decoder, init_params
 from jaxlm.schema import from_config_dict
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, stablelm.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, stablelm.FAMILY, mixtral.FAMILY,
+                                                   mamba2.FAMILY, granite.FAMILY)}
 # Stored tensors that transformers itself ignores on load (old checkpoints kept RoPE buffers).
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 CHUNK_BYTES = 16 << 20
