@@ -22,7 +22,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(
             nn.initializers.normal(self.init_std), self.axes),
             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        # Flatten the token axes: XLA:CPU's weight-gradient dot contracting two (batch, length)
+        # axes runs ~2x slower than the same dot over one flattened token axis.
+        x_ni = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = (x_ni @ kernel.astype(self.dtype)).reshape(*x.shape[:-1], self.features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    self.axes[1:]),
