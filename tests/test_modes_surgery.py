@@ -378,3 +378,18 @@ def test_read_run_errors_name_the_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(loop.config_to_dict(cfg)))
     with pytest.raises(rundir.RunDirError, match="no checkpoints/ directory"):
         rundir.read_run(str(tmp_path))
+    # a config.json edited after the fact no longer describes the checkpoint's parameters
+    seeded_run(tmp_path / "run", 3)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    for edit, message in [({"mlp_dim": 96}, r"checkpoints/0 params: blocks/slot_0/mlp/down_proj/"
+                                             r"kernel has shape \[2, 64, 32\], expected "
+                                             r"\[2, 96, 32\]"),
+                          ({"qkv_bias": True}, r"checkpoints/0 params: missing blocks/slot_0/attention/"
+                                              r"k_proj/bias \(expected by the model config\)"),
+                          ({"tie_embeddings": True}, r"checkpoints/0 params: unexpected "
+                                                     r"lm_head/kernel for this model config")]:
+        (tmp_path / "run" / "config.json").write_text(
+            json.dumps({**saved, "model": {**saved["model"], **edit}}))
+        with pytest.raises(rundir.RunDirError, match=message) as err:
+            rundir.read_run(str(tmp_path / "run"))
+        assert "\n" not in str(err.value)

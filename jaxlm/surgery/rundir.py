@@ -26,6 +26,7 @@ optimizer moments, which would triple the memory); it never writes to the input.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -141,27 +142,39 @@ def read_config(workdir: str) -> Config:
     return parse_config(raw)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax warns about opening a directory read-only and about the items (data, meta) we do not
+    ask for: both are the point here, so its absl warnings are muted while we read."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _manager(directory: str):
-    """A read-only orbax manager (it warns that the directory is read only: that is the point)."""
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        return ocp.CheckpointManager(directory, item_names=("state",), options=options)
-    finally:
-        absl_logger.setLevel(level)
+    return ocp.CheckpointManager(directory, item_names=("state",), options=options,
+                                 item_handlers={"state": ocp.PyTreeCheckpointHandler()})
 
 
 def read_run(workdir: str, step: Optional[int] = None) -> Run:
     """Config and newest (or `step`'s) params + model state of a run directory, as NumPy."""
-    import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
     cfg = read_config(workdir)
     directory = os.path.join(workdir, CHECKPOINTS)
     if not os.path.isdir(directory):
         raise RunDirError(f"{workdir}: no {CHECKPOINTS}/ directory; train it first")
+    with _quiet_absl():
+        return _read(workdir, cfg, directory, step)
+
+
+def _read(workdir: str, cfg: Config, directory: str, step: Optional[int]) -> Run:
+    import orbax.checkpoint as ocp
     manager = _manager(directory)
     try:
         steps = list(manager.all_steps())
@@ -172,6 +185,13 @@ def read_run(workdir: str, step: Optional[int] = None) -> Run:
         elif step not in steps:
             raise RunDirError(f"{directory}: no checkpoint for step {step}; have {sorted(steps)}")
         params, model_state = abstract_variables(cfg.model)
+        where = f"{directory}/{step}"
+        try:  # the stored tree's names and shapes, checked before any array is read
+            stored = manager.item_metadata(step)["state"].tree
+        except Exception as e:  # noqa: BLE001 — orbax raises many kinds; report one line
+            raise RunDirError(f"{where}: unreadable checkpoint metadata "
+                              f"({' '.join(str(e).split())[:200] or type(e).__name__})") from None
+        check_tree(stored.get("params", {}), params, f"{where} params")
         target = {"params": params}
         if jax.tree.leaves(model_state):
             target["model_state"] = model_state
@@ -179,13 +199,19 @@ def read_run(workdir: str, step: Optional[int] = None) -> Run:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True)))["state"]
-        except (ValueError, KeyError, TypeError) as e:
-            first = " ".join(str(e).split())[:300]
-            raise RunDirError(f"{directory}/{step}: does not hold the parameters of "
+        except Exception as e:  # noqa: BLE001 — orbax raises many kinds; report one line
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise RunDirError(f"{where}: cannot restore the parameters of "
                               f"{workdir}/{CONFIG_FILE}'s model ({first})") from None
     finally:
         manager.close()
-    check_tree(restored["params"], params, f"{directory}/{step} params")
+    for name, tree in restored.items():
+        # partial_restore hands back the target's own placeholder for what the checkpoint lacks
+        absent = sorted(p for p, x in _flatten(tree).items() if not isinstance(x, np.ndarray))
+        if absent:
+            raise RunDirError(f"{where}: no {name} {'/'.join(absent[0])} in the checkpoint, but "
+                              f"{workdir}/{CONFIG_FILE}'s model has it")
+    check_tree(restored["params"], params, f"{where} params")
     return Run(cfg, dict(restored["params"]), dict(restored.get("model_state", {})), int(step))
 
 
@@ -219,6 +245,9 @@ def write_run(workdir: str, cfg: Config, params: Mapping, model_state: Optional[
     from jaxlm.train.checkpoint import Checkpointer
     from jaxlm.train.state import TrainState
 
+    if jax.process_count() > 1:
+        raise RunDirError("write_run: run convert / upscale / merge as a single process (it "
+                          "writes host copies of every parameter)")
     workdir = check_new_workdir(workdir)
     copy_files = list(copy_files)
     for path in copy_files:
