@@ -196,6 +196,28 @@ def test_dynamic_ntk_fresh_model_per_length(dynamic_dir, seq, tmp_path_factory):
     assert max_diff(r["back"], ref) <= TOL
 
 
+def test_mistral_window_shorter_than_the_context_caps_max_seq_len(tmp_path_factory):
+    """jaxlm has no sliding window: a Mistral whose window (8) is shorter than its context gets
+    max_seq_len = window, on which full causal attention and the window agree exactly; past it
+    they differ (so refusing longer rows, as data.seq_len <= max_seq_len does, is needed)."""
+    config = transformers.MistralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=8, rms_norm_eps=1e-5, attn_implementation="eager")
+    path = str(tmp_path_factory.mktemp("window") / "hf")
+    save_random_hf(config, transformers.MistralForCausalLM, path, seed=8)
+    cfg, params = import_hf(path)
+    assert (cfg.max_seq_len, cfg.rope.scaling) == (8, "none")
+    model, toks = load_hf(path), tokens(cfg.vocab_size, 12)
+    assert max_diff(jax_logits(cfg, params, toks[:, :8]), hf_logits(model, toks[:, :8])) <= TOL
+    beyond = np.abs(jax_logits(cfg, params, toks) - hf_logits(model, toks)).max(axis=(0, 2))
+    assert beyond[:8].max() <= TOL and beyond[8:].min() > 1e-3
+    out = export_hf(cfg, params, str(tmp_path_factory.mktemp("window_out") / "model"))
+    assert json.loads(open(os.path.join(out, "config.json")).read())[
+        "max_position_embeddings"] == 8
+    assert max_diff(hf_logits(load_hf(out), toks[:, :8]), hf_logits(model, toks[:, :8])) <= TOL
+
+
 # ---- file formats -------------------------------------------------------------------------------
 
 def test_sharded_checkpoints_read_and_write(base, tmp_path):
@@ -229,7 +251,7 @@ def test_bfloat16_checkpoint_is_widened_exactly(base, tmp_path):
 
 def test_import_peak_memory_is_close_to_parameter_bytes(tmp_path):
     """A ~46M-parameter float32 LLaMA: tracemalloc peak (NumPy reports its buffers to it)
-    during import stays <= 1.3x the parameter bytes."""
+    during import stays <= 1.3x the parameter bytes; export adds <= 0.3x on top."""
     d, layers, vocab, ffn, heads, kv = 512, 12, 8192, 1536, 8, 4
     hd = d // heads
     rng = np.random.default_rng(0)
@@ -269,6 +291,20 @@ def test_import_peak_memory_is_close_to_parameter_bytes(tmp_path):
     print(f"import peak {peak / param_bytes:.3f}x parameter bytes")
     assert peak <= 1.3 * param_bytes, (peak / param_bytes)
     assert np.array_equal(params["blocks"]["slot_0"]["mlp"]["down_proj"]["kernel"][3], down_3.T)
+    # Export streams too: on top of the params it holds, one HF tensor at a time (no second
+    # copy of the model). The config is re-read so param_shapes' tracing is not counted.
+    cfg = hf_interop.config_from_hf(hf_interop.read_config(str(tmp_path)))
+    hf_interop.param_shapes(cfg)
+    tracemalloc.start()
+    try:
+        out = export_hf(cfg, params, str(tmp_path / "out"))
+        _, extra = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"export peak {extra / param_bytes:.3f}x parameter bytes above the params")
+    assert extra <= 0.3 * param_bytes, (extra / param_bytes)
+    with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
+        assert np.array_equal(f.get_tensor("model.layers.3.mlp.down_proj.weight"), down_3)
 
 
 # ---- bad input: one-line errors, nothing half-written -------------------------------------------

@@ -26,7 +26,8 @@ from experiments.modes import convert, merge as merge_mode, upscale as upscale_m
 from jaxlm.config import parse_config  # noqa: E402
 from jaxlm.layers.moe import MoEConfig  # noqa: E402
 from jaxlm.layers.ssm import SSMConfig  # noqa: E402
-from jaxlm.surgery import rundir
+from jaxlm.surgery import rundir  # noqa: E402
+from jaxlm.surgery.merge import ties  # noqa: E402
 from jaxlm.surgery.upscale import expand_layer_map  # noqa: E402
 from jaxlm.train import loop  # noqa: E402
 from jaxlm.train.config import TrainConfig  # noqa: E402
@@ -287,6 +288,18 @@ def test_merge_refuses_different_configs_and_bad_flags(three_runs, tmp_path):
         merge_mode.run(Ctx(root / "a", merge_inputs=[str(root / "a"), str(root / "b")]))
 
 
+def test_ties_mode_passes_its_flags(three_runs):
+    root, runs = three_runs
+    merge_mode.run(Ctx(root / "ties", merge_method="ties", merge_base=str(root / "z"),
+                       merge_inputs=[str(root / "a"), str(root / "b")], merge_weights=["1", "2"],
+                       ties_density=0.4, ties_scale=0.8))
+    got = rundir.read_run(str(root / "ties")).params
+    want = ties(runs["z"], [runs["a"], runs["b"]], density=0.4, weights=[1.0, 2.0], scale=0.8)
+    assert leaves_equal(got, want)
+    other = ties(runs["z"], [runs["a"], runs["b"]], density=0.5, weights=[1.0, 2.0], scale=0.8)
+    assert not leaves_equal(got, other)  # the density flag reached the merge
+
+
 # ---- convert ----------------------------------------------------------------------------------
 
 def test_convert_hf_to_run_to_hf_keeps_transformers_logits(tmp_path):
@@ -334,6 +347,40 @@ def test_convert_hf_to_run_to_hf_keeps_transformers_logits(tmp_path):
     run2 = rundir.read_run(str(tmp_path / "run2"))
     assert run2.cfg.train.steps == 4 and run2.cfg.data.tokenizer == "byte"
     assert leaves_equal(run2.params, run.params)
+
+
+def test_convert_caps_the_default_seq_len_and_bad_input_writes_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file, save_file
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=8)
+    hf_dir = tmp_path / "hf"
+    transformers.MistralForCausalLM(config).save_pretrained(hf_dir)
+    # no --config: the default data.seq_len (256) is capped at the window-capped max_seq_len
+    convert.run(Ctx(tmp_path / "run", hf_dir=str(hf_dir)))
+    run = rundir.read_run(str(tmp_path / "run"))
+    assert (run.cfg.model.max_seq_len, run.cfg.data.seq_len) == (8, 8)
+    # a --config's own seq_len is checked as given
+    with pytest.raises(ValueError, match=r"data.seq_len=32: expected <= model.max_seq_len=8"):
+        convert.run(Ctx(tmp_path / "run2", config=tiny_experiment(), hf_dir=str(hf_dir)))
+
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(hf_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'") \
+            as err:
+        convert.run(Ctx(tmp_path / "run3", hf_dir=str(hf_dir)))
+    assert "\n" not in str(err.value)
+
+    seeded_run(tmp_path / "qknorm", 4, qk_norm=True)  # a run LlamaForCausalLM cannot express
+    with pytest.raises(ValueError, match="model.qk_norm=True: LlamaForCausalLM can only") as err:
+        convert.run(Ctx(tmp_path / "qknorm", hf_out=str(tmp_path / "hf_out")))
+    assert "\n" not in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "qknorm", "run"]  # nothing else, no partials
 
 
 # ---- write_run / read_run: checks and atomicity -----------------------------------------------

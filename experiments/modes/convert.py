@@ -4,11 +4,11 @@
     launch.py --mode convert --workdir runs/trained --hf_out path/to/hf_out
 
 HF -> run: the model section comes from the HF config.json (jaxlm.interop.hf), every other
-section from --config if given, else the defaults; the new run directory holds a step-0
-checkpoint with a fresh optimizer and data stream, ready for `--mode train`. Without --config,
-an HF tokenizer.json that has the `<|endoftext|>` token the data pipeline separates documents
-with is copied into the run and used (data.tokenizer='file'); otherwise the default tokenizer
-stays and a note says so.
+section from --config if given, else the defaults (data.seq_len capped at the model's
+max_seq_len); the new run directory holds a step-0 checkpoint with a fresh optimizer and data
+stream, ready for `--mode train`. Without --config, an HF tokenizer.json that has the
+`<|endoftext|>` token the data pipeline separates documents with is copied into the run and used
+(data.tokenizer='file'); otherwise the default tokenizer stays and a note says so.
 
 run -> HF: the newest checkpoint's parameters are written as config.json + safetensors that
 `transformers` loads (plus the run's tokenizer.json, if it uses one by that name). Neither
@@ -54,10 +54,16 @@ def _adopt_tokenizer(cfg, hf_dir: str, workdir: str):
 def import_to_run(ctx) -> None:
     from jaxlm.config import default_config, parse_config
     from jaxlm.interop.hf import import_hf
+    from jaxlm.schema import replace
     from jaxlm.surgery import rundir
     workdir = rundir.check_new_workdir(ctx.workdir)
     base = ctx.config() if ctx.config_given else parse_config(default_config())
     model, params = import_hf(ctx.flags.hf_dir)
+    if not ctx.config_given and base.data.seq_len > model.max_seq_len:
+        # the default row length does not fit this model (e.g. a Mistral whose sliding window
+        # caps max_seq_len): rows as long as the model allows; a --config's seq_len is the
+        # user's and is checked as given
+        base = replace(base, data=replace(base.data, seq_len=model.max_seq_len))
     cfg = rundir.with_model(base, model)
     copy_files = []
     if not ctx.config_given:
