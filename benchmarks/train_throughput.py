@@ -4,7 +4,8 @@
 
 Prints one JSON line: step time, tokens/s, model FLOP/s by the PaLM formula (jaxlm/train/
 flops.py: 6·N·T + 12·L·H·d_head·S·T), the float32 matmul FLOP/s of this machine measured in the
-same process, and their ratio `mfu`.
+same process, and their ratio `mfu` (median over rounds that alternate a train step with
+the matmul, so a shared CPU's load hits both alike).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_utils import emit, matmul_flops_per_s, time_fn  # noqa: E402
+from bench_utils import emit, interleaved_ratio  # noqa: E402
 from jaxlm.models import presets  # noqa: E402
 from jaxlm.models.decoder import Decoder  # noqa: E402
 from jaxlm.schema import replace  # noqa: E402
@@ -56,16 +57,17 @@ def main() -> None:
         holder["state"], metrics = train_step(holder["state"], batch)
         return metrics["loss"]
 
-    step_time = time_fn(one_step, warmup=2, repeats=args.steps)
     tokens_per_step = shape["batch"] * shape["seq_len"]
-    tokens_per_s = tokens_per_step / step_time
     model_flops = flops.flops_per_token(cfg, holder["state"].params, shape["seq_len"])
-    peak = matmul_flops_per_s()
+    measured = interleaved_ratio(one_step, tokens_per_step * model_flops, rounds=args.steps)
+    step_time = measured["work_time_s"]
+    tokens_per_s = tokens_per_step / step_time
     emit({"benchmark": "train_throughput", "config": args.config, "remat": args.remat,
           "batch": shape["batch"], "seq_len": shape["seq_len"], "dtype": cfg.dtype,
           "step_time_s": step_time, "tokens_per_s": tokens_per_s,
           "model_flops_per_token": model_flops, "model_flops_per_s": tokens_per_s * model_flops,
-          "matmul_flops_per_s": peak, "mfu": tokens_per_s * model_flops / peak,
+          "matmul_flops_per_s": measured["matmul_flops_per_s"], "mfu": measured["mfu"],
+          "mfu_per_round": measured["mfu_per_round"], "load_avg_1m": os.getloadavg()[0],
           "devices": jax.device_count()})
 
 
