@@ -1,10 +1,22 @@
 """The training loop: build, restore, step, evaluate, checkpoint, log.
 
     run = build_run(cfg)                 # mesh, model, tokenizer, optimizer, shardings
-    summary = train(cfg, workdir)        # resumes from workdir's newest checkpoint if any
+    summary = train(cfg, workdir)        # resumes from workdir's newest good checkpoint if any
 
 The loop dispatches step s+1 before pulling step s's metrics to the host (as nanodo does), so
 the host never waits on the device just to log.
+
+What keeps a run safe (each piece is its own module):
+  * everything that can fail on bad input — config, tokenizer, data, the workdir's previous
+    config, the checkpoint to resume and the first batch — is checked before the first write;
+    a failed launch leaves the workdir as it was                             (workdir.py)
+  * one training process per workdir (a lock file; a dead holder's lock is taken over)
+  * resume from the newest checkpoint that restores; damaged and interrupted ones are moved to
+    <workdir>/bad_checkpoints/ with a warning, never deleted                 (checkpoint.py)
+  * SIGTERM / SIGINT: finish the step, save, wait for the write, return      (signals.py)
+  * a step with a non-finite loss or gradient norm changes nothing and is counted; too many in
+    a row stop the run                                                       (guard.py)
+  * optionally, a hash of every batch in batches.jsonl, to compare data order (batchlog.py)
 """
 
 from __future__ import annotations
@@ -12,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import flax.linen as nn
@@ -27,17 +41,15 @@ from jaxlm.parallel import distributed, sharding, validate, zero
 from jaxlm.parallel.mesh import mesh_from_config
 from jaxlm.parallel.rules import make_rules
 from jaxlm.schema import ConfigError
-from jaxlm.train import flops, optimizer, state as state_lib, step as step_lib
-from jaxlm.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxlm.train import batchlog, flops, guard, optimizer, state as state_lib, step as step_lib
+from jaxlm.train import workdir as workdir_lib
+from jaxlm.train.checkpoint import (Checkpointer, abstract_with_shardings, find_restorable,
+                                    list_checkpoints, quarantine)
 from jaxlm.train.metrics import MetricWriter
+from jaxlm.train.signals import Preemption
+from jaxlm.train.workdir import IDENTITY_SECTIONS, RunDirError  # noqa: F401 (re-exported)
 
-# Sections of the config that define *what* is trained; a workdir trained with different
-# values is another experiment, and the loop refuses to resume it.
-IDENTITY_SECTIONS = ("model", "data")
-
-
-class RunDirError(ValueError):
-    """The workdir holds a different experiment (or is otherwise unusable)."""
+CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -98,32 +110,6 @@ def build_run(cfg, shardings_transform=None) -> Run:
                sharding.batch_sharding(mesh))
 
 
-def prepare_workdir(cfg, workdir: str, overwrite: bool = False) -> None:
-    """Writes workdir/config.json; refuses a workdir that holds a different experiment."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    current = config_to_dict(cfg)
-    if os.path.exists(path) and not overwrite:
-        with open(path, encoding="utf-8") as f:
-            try:
-                previous = json.load(f)
-            except json.JSONDecodeError:
-                raise RunDirError(f"{path} is not valid JSON; pass --overwrite to start a new "
-                                  "run here") from None
-        for section in IDENTITY_SECTIONS:
-            if previous.get(section) != current[section]:
-                diff = sorted(k for k in current[section]
-                              if previous.get(section, {}).get(k) != current[section][k])
-                raise RunDirError(f"workdir {workdir} holds a run with a different {section} "
-                                  f"config (differs in {section}.{diff[0] if diff else '?'}); "
-                                  "use a new --workdir or pass --overwrite")
-    if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2)
-        os.replace(tmp, path)
-
-
 def evaluate(eval_step, state, batches: list[dict], batch_sharding) -> float:
     """Token-mean held-out cross-entropy (nats)."""
     total, weight = 0.0, 0.0
@@ -138,32 +124,125 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
-    """Trains `cfg` in `workdir`, resuming from its newest checkpoint; returns final metrics."""
+def warn_stderr(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def restore_data_iterator(dataset, data_state: dict | None):
+    """A fresh iterator over `dataset`, moved to `data_state` when there is one."""
+    data_iter = iter(dataset)
+    if data_state:  # runs seeded by convert / upscale / merge start their data afresh
+        data_iter.set_state(distributed.unpack_process_state(data_state))
+    return data_iter
+
+
+@dataclasses.dataclass
+class _Start:
+    """Where a launch starts: the state, the data iterator and what the checkpoint said."""
+
+    state: Any
+    data_iter: Any
+    step: int | None = None        # the checkpoint restored (None: fresh)
+    meta: dict | None = None
+    bad: list = dataclasses.field(default_factory=list)         # (path, reason)
+    incomplete: list = dataclasses.field(default_factory=list)  # paths
+
+
+def _starting_point(cfg, run: Run, dataset, checkpoint_dir: str, *, fresh: bool,
+                    keep_data_state: bool) -> _Start:
+    """Restores the newest good checkpoint (reads only) or initialises a new state."""
+    found = None
+    if not fresh:
+        accept = None
+        if keep_data_state:
+            def accept(_state, data_state, _meta):
+                restore_data_iterator(dataset, data_state)
+        found = find_restorable(checkpoint_dir, run.abstract_state(), accept=accept)
+    if found is None:
+        state = state_lib.create_state(run.model, run.tx, jax.random.key(cfg.train.seed),
+                                       cfg.data.seq_len, run.state_shardings)
+        incomplete = [] if fresh else list_checkpoints(checkpoint_dir).incomplete
+        return _Start(state, iter(dataset), incomplete=incomplete)
+    data_iter = restore_data_iterator(dataset, found.data_state if keep_data_state else None)
+    return _Start(found.state, data_iter, found.step, found.meta, found.bad, found.incomplete)
+
+
+def train(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False,
+          batch_log: bool = False, log=print, warn=warn_stderr) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its newest good checkpoint; returns final
+    metrics (and `preempted`: whether a signal stopped it early, after saving).
+
+    overwrite: start afresh even if the workdir holds another run (moved aside, not deleted).
+    resume: continue the workdir's run even though its model/data config differs from `cfg`
+        (a changed data section starts the data stream afresh).
+    batch_log: append a hash of every batch to <workdir>/batches.jsonl.
+    """
+    workdir = os.path.abspath(workdir)
+    is_main = distributed.is_main_process()
+    if not is_main:
+        log = warn = _silent  # only process 0 prints and writes
     # Everything that can fail on bad input happens before the workdir is touched.
     run = build_run(cfg)
     tcfg, dcfg = cfg.train, cfg.data
+    current = config_to_dict(cfg)
+    previous = workdir_lib.check(workdir, current, resume=resume, overwrite=overwrite)
+    data_changed = previous is not None and previous.get("data") != current["data"]
     dataset = pipeline.train_dataset(dcfg, run.tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
     eval_sets = {name: pipeline.take(ds, tcfg.eval_batches)
                  for name, ds in pipeline.eval_datasets(dcfg, run.tokenizer).items()}
-    prepare_workdir(cfg, workdir, overwrite)
+    unigram = pipeline.unigram_cross_entropy(
+        pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_sets["heldout"],
+        cfg.model.vocab_size)
+    poisoned = guard.poison_steps()
+    checkpoint_dir = os.path.join(workdir, CHECKPOINTS)
+
+    with ExitStack() as stack:
+        stack.enter_context(workdir_lib.claimed(workdir, warn))
+        preemption = stack.enter_context(Preemption())
+        start = _starting_point(cfg, run, dataset, checkpoint_dir, fresh=overwrite,
+                                keep_data_state=not data_changed)
+        first_batch = next(start.data_iter)
+        check_batch_tokens(first_batch, cfg.model.vocab_size, int(start.state.step))
+
+        # -- from here on the workdir is written --
+        if overwrite and is_main:
+            archived = workdir_lib.archive_previous_run(workdir)
+            if archived:
+                log(f"--overwrite: moved the previous contents of {workdir} to {archived}")
+        for (path, reason), (_, target) in zip(start.bad, quarantine(
+                [p for p, _ in start.bad], workdir)):
+            warn(f"warning: skipped checkpoint {path} ({reason}); moved it to {target}")
+        for path, target in quarantine(start.incomplete, workdir):
+            warn(f"warning: found an interrupted checkpoint write {path}; moved it to {target}")
+        if data_changed and start.step is not None:
+            warn("warning: --resume with a different data config: the data stream starts "
+                 "afresh")
+        if is_main:
+            workdir_lib.write_config(workdir, current)
+        if start.step is not None:
+            log(f"resumed from {checkpoint_dir}/{start.step}")
+        return _loop(cfg, run, workdir, start, first_batch, eval_sets, unigram, preemption,
+                     stack, poisoned=poisoned, batch_log=batch_log, log=log, warn=warn)
+
+
+def _loop(cfg, run: Run, workdir: str, start: _Start, first_batch: dict, eval_sets: dict,
+          unigram: float, preemption: Preemption, stack: ExitStack, *, poisoned, batch_log,
+          log, warn) -> dict:
+    tcfg, dcfg = cfg.train, cfg.data
     is_main = distributed.is_main_process()
-    if not is_main:
-        log = _silent  # only process 0 prints and writes
+    state, data_iter = start.state, start.data_iter
     writer = MetricWriter(workdir, enabled=is_main)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints,
+    stack.callback(writer.close)
+    batches = batchlog.BatchLog(batchlog.log_path(workdir, jax.process_index())
+                                if batch_log else None)
+    stack.callback(batches.close)
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINTS), keep=tcfg.keep_checkpoints,
                                 every=tcfg.checkpoint_every, async_save=tcfg.async_checkpoint)
-    data_iter = iter(dataset)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state, _ = checkpointer.restore(latest, run.abstract_state())
-        if data_state:  # runs seeded by convert / upscale / merge start their data afresh
-            data_iter.set_state(distributed.unpack_process_state(data_state))
-        log(f"resumed from {checkpointer.directory}/{latest}")
-    else:
-        state = state_lib.create_state(run.model, run.tx, jax.random.key(tcfg.seed),
-                                       dcfg.seq_len, run.state_shardings)
+    stack.callback(checkpointer.close)  # on every exit: wait for writes in flight
+    tracker = guard.NonFiniteTracker.from_meta(guard.max_consecutive(tcfg), start.meta)
+    last_saved = start.step
 
     with sharding.activation_sharding(run.mesh, run.rules):
         train_step = step_lib.jit_train_step(
@@ -174,53 +253,83 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
         eval_step = jax.jit(step_lib.make_eval_step(run.model),
                             out_shardings=sharding.replicated(run.mesh))
 
-        unigram = pipeline.unigram_cross_entropy(
-            pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_sets["heldout"],
-            cfg.model.vocab_size)
         params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
         flops_per_token = flops.flops_per_token(cfg.model, state.params, dcfg.seq_len)
         log(f"model: {params_count / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} "
             f"MFLOPs/token; unigram baseline held-out loss {unigram:.4f} nats/token")
         writer.write(int(state.step), {"eval/unigram_loss": unigram, "params": params_count})
 
-        start = int(state.step)
+        first = int(state.step)
         last_eval, last_evals = None, {}
-        pending = None  # (step, device metrics) not yet pulled to the host
+        inflight: list[tuple[int, dict]] = []  # (step count after it, device metrics)
         window_start, window_tokens = time.perf_counter(), 0
-        bar = tqdm(total=tcfg.steps, initial=start, disable=not (tcfg.progress_bar and is_main),
+        bar = tqdm(total=tcfg.steps, initial=first, disable=not (tcfg.progress_bar and is_main),
                    dynamic_ncols=True)
+        stack.callback(bar.close)
 
-        def flush(item):
+        def flush(done, metrics):
             nonlocal window_start, window_tokens
-            step_done, metrics = item
             metrics = {k: np.asarray(v) for k, v in metrics.items()}
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
             metrics["tokens_per_s"] = tokens_per_s
             metrics["model_flops_per_s"] = tokens_per_s * flops_per_token
-            writer.write(step_done, metrics)
+            metrics["skipped_steps"] = tracker.total
+            writer.write(done, metrics)
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                             tok_s=f"{tokens_per_s:,.0f}")
 
-        for step in range(start, tcfg.steps):
-            batch = next(data_iter)
-            check_batch_tokens(batch, cfg.model.vocab_size, step)
+        def settle(keep_newest: bool):
+            """Pulls finished steps' metrics to the host (all but the step just dispatched,
+            unless it must be known now): counts skipped steps, logs, stops a bad streak."""
+            n = len(inflight) - (1 if keep_newest else 0)
+            for done, metrics in inflight[:max(n, 0)]:
+                if tracker.observe(bool(metrics["nonfinite"])):
+                    warn(f"warning: step {done}: loss {float(metrics['loss'])}, gradient norm "
+                         f"{float(metrics['grad_norm'])}: update skipped ({tracker.total} "
+                         f"skipped so far, {tracker.streak} in a row)")
+                    writer.write(done, {"loss": metrics["loss"],
+                                        "grad_norm": metrics["grad_norm"],
+                                        "nonfinite": 1, "skipped_steps": tracker.total})
+                    if tracker.exceeded():
+                        raise tracker.error(done, None if last_saved is None else
+                                            f"{checkpointer.directory}/{last_saved}")
+                elif done % tcfg.log_every == 0 or done == tcfg.steps:
+                    flush(done, metrics)
+            del inflight[:max(n, 0)]
+
+        def save(done, force=False) -> None:
+            nonlocal last_saved
+            if checkpointer.save(done, state, data_iter.get_state(),
+                                 {"config": config_to_dict(cfg), "step": done,
+                                  **tracker.state()}, force=force):
+                last_saved = done
+
+        preempted = False
+        batch = first_batch
+        for step in range(first, tcfg.steps):
+            if preemption.requested(step):
+                preempted = True
+                break
+            if batch is None:
+                batch = next(data_iter)
+                check_batch_tokens(batch, cfg.model.vocab_size, step)
+            batches.write(step, batch)
+            if step in poisoned:
+                batch = guard.poison(batch)
             state, metrics = train_step(state, distributed.global_batch(
                 batch, run.batch_sharding, dcfg.batch_size))
             window_tokens += batch["inputs"].size * jax.process_count()
-            if pending is not None:
-                flush(pending)
-                pending = None
+            batch = None
             done = step + 1
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
-                pending = (done, metrics)
-            if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                last_evals = {name: evaluate(eval_step, state, batches, run.batch_sharding)
-                              for name, batches in eval_sets.items()}
+            inflight.append((done, metrics))
+            evaluating = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
+            saving = done == tcfg.steps or checkpointer.manager.should_save(done)
+            settle(keep_newest=not (evaluating or saving))
+            if evaluating:
+                last_evals = {name: evaluate(eval_step, state, batches_, run.batch_sharding)
+                              for name, batches_ in eval_sets.items()}
                 last_eval = last_evals["heldout"]
                 writer.write(done, {"eval/loss": last_eval, "eval/unigram_loss": unigram,
                                     **{f"eval/{name}_loss": value for name, value
@@ -230,29 +339,38 @@ def train(cfg, workdir: str, *, overwrite: bool = False, log=print) -> dict:
                 if is_main:
                     bar.write(f"step {done}: held-out loss {last_eval:.4f}{others} "
                               f"(unigram baseline {unigram:.4f})")
-            checkpointer.save(done, state, data_iter.get_state(),
-                              {"config": config_to_dict(cfg), "step": done},
-                              force=done == tcfg.steps)
+            # No periodic checkpoint inside a streak of skipped steps: the newest one on disk
+            # stays the last good one (the final step is always saved).
+            if saving and (tracker.streak == 0 or done == tcfg.steps):
+                save(done, force=done == tcfg.steps)
             bar.update(1)
-        if pending is not None:
-            flush(pending)
-        bar.close()
-    checkpointer.close()
-    writer.close()
-    return {"step": int(state.step), "eval_loss": last_eval, "evals": last_evals,
-            "unigram_loss": unigram, "state": state, "run": run}
+        settle(keep_newest=False)
+        now = int(state.step)
+        if preempted:
+            if last_saved != now and now > first:
+                save(now, force=True)
+            checkpointer.wait()
+            saved = ("no checkpoint yet (nothing was trained)" if last_saved is None else
+                     f"checkpoint {checkpointer.directory}/{last_saved} written")
+            log(f"{preemption.received}: stopped at step {now}; {saved}; launch the same "
+                "command again to resume")
+    return {"step": now, "eval_loss": last_eval, "evals": last_evals, "unigram_loss": unigram,
+            "state": state, "run": run, "preempted": preempted,
+            "skipped_steps": tracker.total}
 
 
-def restore_for_inference(cfg, workdir: str):
-    """(run, state) of the workdir's newest checkpoint."""
+def restore_for_inference(cfg, workdir: str, warn=warn_stderr):
+    """(run, state) of the workdir's newest checkpoint that restores; newer ones that do not
+    are skipped with a warning (and left where they are: this reads only)."""
     run = build_run(cfg)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; train first")
-    state, _, _ = checkpointer.restore(latest, run.abstract_state())
-    checkpointer.close()
-    return run, state
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+    found = find_restorable(directory, run.abstract_state())
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}; train first")
+    if distributed.is_main_process():
+        for path, reason in found.bad:
+            warn(f"warning: skipped checkpoint {path} ({reason})")
+    return run, found.state
 
 
 def evaluate_checkpoint(cfg, workdir: str) -> dict:

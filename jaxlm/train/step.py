@@ -5,6 +5,10 @@ A global batch {'inputs', 'targets', 'loss_mask' [, 'positions', 'segment_ids']}
 each data shard contributes equally to each micro-batch); gradients of the micro-batches are
 summed inside one `lax.scan`. The objective is the token-mean cross-entropy over the *whole*
 batch, so k micro-batches give the same update as one big batch.
+
+With `guard=True` (the default) a step whose loss or gradient norm is not finite leaves params,
+optimizer state and model state as they were and reports `nonfinite` = 1 (jaxlm/train/guard.py:
+what advances and what does not); `state.step` always advances.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm.train import guard as guard_lib
 from jaxlm.train.losses import cross_entropy_sums
 from jaxlm.train.state import TrainState
 
@@ -44,7 +49,8 @@ def apply_model(model, params, model_state, batch: dict, *, deterministic: bool,
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, *,
-                    accum_steps: int = 1, z_loss: float = 0.0, seed: int = 0):
+                    accum_steps: int = 1, z_loss: float = 0.0, seed: int = 0,
+                    guard: bool = True):
     base_rng = jax.random.key(seed)
 
     def train_step(state: TrainState, batch: dict):
@@ -82,9 +88,10 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = sums["ce"] / total_weight, optax.tree.norm(grads)
         metrics = {
-            "loss": sums["ce"] / total_weight,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "tokens": total_weight,
             **{f"aux/{k}": v for k, v in sums["aux"]["losses"].items()},
@@ -92,6 +99,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         }
         if z_loss:
             metrics["z_loss"] = sums["z"] / total_weight
+        updated = (params, opt_state, model_state)
+        if guard:
+            finite = guard_lib.is_finite(loss, grad_norm, metrics.get("z_loss", 0.0))
+            updated = guard_lib.keep_if_finite(
+                finite, updated, (state.params, state.opt_state, state.model_state))
+            metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
+        params, opt_state, model_state = updated
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state)
         return new_state, metrics
