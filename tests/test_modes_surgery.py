@@ -349,7 +349,7 @@ def test_convert_hf_to_run_to_hf_keeps_transformers_logits(tmp_path):
     assert leaves_equal(run2.params, run.params)
 
 
-def test_convert_caps_the_default_seq_len_and_bad_input_writes_nothing(tmp_path):
+def test_convert_caps_the_default_seq_len_and_bad_input_writes_nothing(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from safetensors.numpy import load_file, save_file
@@ -364,6 +364,8 @@ def test_convert_caps_the_default_seq_len_and_bad_input_writes_nothing(tmp_path)
     convert.run(Ctx(tmp_path / "run", hf_dir=str(hf_dir)))
     run = rundir.read_run(str(tmp_path / "run"))
     assert (run.cfg.model.max_seq_len, run.cfg.data.seq_len) == (8, 8)
+    assert "note: jaxlm has no sliding-window attention; model.max_seq_len=8" in \
+        capsys.readouterr().out
     # a --config's own seq_len is checked as given
     with pytest.raises(ValueError, match=r"data.seq_len=32: expected <= model.max_seq_len=8"):
         convert.run(Ctx(tmp_path / "run2", config=tiny_experiment(), hf_dir=str(hf_dir)))

@@ -53,12 +53,16 @@ def _adopt_tokenizer(cfg, hf_dir: str, workdir: str):
 
 def import_to_run(ctx) -> None:
     from jaxlm.config import default_config, parse_config
-    from jaxlm.interop.hf import import_hf
+    from jaxlm.interop.hf import import_hf, read_config
     from jaxlm.schema import replace
     from jaxlm.surgery import rundir
     workdir = rundir.check_new_workdir(ctx.workdir)
     base = ctx.config() if ctx.config_given else parse_config(default_config())
     model, params = import_hf(ctx.flags.hf_dir)
+    window = read_config(ctx.flags.hf_dir).get("sliding_window")
+    if window is not None and model.max_seq_len == int(window):
+        print(f"note: jaxlm has no sliding-window attention; model.max_seq_len={window} (the "
+              "sliding_window), on which full attention and the window agree exactly")
     if not ctx.config_given and base.data.seq_len > model.max_seq_len:
         # the default row length does not fit this model (e.g. a Mistral whose sliding window
         # caps max_seq_len): rows as long as the model allows; a --config's seq_len is the
