@@ -300,6 +300,20 @@ def test_ties_mode_passes_its_flags(three_runs):
     assert not leaves_equal(got, other)  # the density flag reached the merge
 
 
+def test_merge_mode_averages_the_moe_selection_bias(tmp_path):
+    moe = MoEConfig(num_experts=4, top_k=2, mlp_dim=16, router="sigmoid_bias")
+    runs = [seeded_run(tmp_path / name, seed, ffn="moe", moe=moe) for seed, name in
+            enumerate("cd")]
+    merge_mode.run(Ctx(tmp_path / "slerp", merge_method="slerp", slerp_t=0.25,
+                       merge_inputs=[str(tmp_path / "c"), str(tmp_path / "d")]))
+    merged = rundir.read_run(str(tmp_path / "slerp"))
+    (_, _, state_c), (_, _, state_d) = runs
+    want = jax.tree.map(lambda a, b: (a + b) / 2, state_c, state_d)
+    assert max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))),
+                                            merged.model_state, want))) <= 1e-6
+    assert jax.tree.leaves(merged.model_state)  # there was a selection bias to merge
+
+
 # ---- convert ----------------------------------------------------------------------------------
 
 def test_convert_hf_to_run_to_hf_keeps_transformers_logits(tmp_path):
