@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlm.layers.mlp import Dense
+from jaxlm.parallel import expert as expert_parallel
 from jaxlm.schema import ConfigError, field, section
 
 
@@ -510,7 +511,9 @@ class SharedExperts(nn.Module):
 class MoE(nn.Module):
     """Routed SwiGLU experts (+ optional shared experts). `(x [b, t, d], deterministic)` ->
     `(y [b, t, d], aux)`, aux = {'losses': {'moe_aux', 'moe_z'} (× their coefficients),
-    'metrics': {'expert_load' [E] (share of assignments), 'dropped_fraction'}}.
+    'metrics': {'expert_load' [E] (share of assignments), 'expert_load_max_over_uniform' (the
+    busiest expert's share × E: 1 is perfectly balanced; a scalar so that the training log,
+    which averages per-layer arrays, keeps it meaningful), 'dropped_fraction'}}.
 
     Parameters: router/kernel [D, E] (embed, None); wi_gate, wi_up [E, D, I] (experts, embed,
     mlp); wo [E, I, D] (experts, mlp, embed); shared/{gate,up,down}_proj when
@@ -565,7 +568,14 @@ class MoE(nn.Module):
                           self.out_init_std)
 
         x_btd = x_btd.astype(self.dtype)
-        if cfg.dispatch == "dropless":
+        ep_axes = expert_parallel.expert_axes() if cfg.dispatch == "dropless" else None
+        if ep_axes is not None:  # experts split over a mesh axis: all-to-all dispatch
+            y_td = expert_parallel.dropless_ffn_ep(x_btd.reshape(b * t, d), experts_tk,
+                                                   weights_tk, wi_gate, wi_up, wo, ep_axes,
+                                                   block=cfg.block_size)
+            y_btd = y_td.reshape(b, t, d)
+            dropped = jnp.zeros((), jnp.float32)
+        elif cfg.dispatch == "dropless":
             impl = default_grouped_matmul_impl()
             block = 1 if impl == "ragged" else (cfg.block_size
                                                 or auto_block_size(b * t * k, num_experts))
@@ -588,6 +598,8 @@ class MoE(nn.Module):
             "losses": {"moe_aux": cfg.aux_loss_coef * load_balancing_loss(probs_te, counts_e),
                        "moe_z": cfg.z_loss_coef * router_z_loss(logits_te)},
             "metrics": {"expert_load": counts_e.astype(jnp.float32) / (b * t * k),
+                        "expert_load_max_over_uniform": (jnp.max(counts_e).astype(jnp.float32)
+                                                         * num_experts / (b * t * k)),
                         "dropped_fraction": dropped},
         }
         y_btd = nn.with_logical_constraint(y_btd.astype(self.dtype), ("batch", "length", "embed"))

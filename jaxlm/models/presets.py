@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxlm.models import llama, stablelm
+from jaxlm.models import granite, llama, mamba2, mixtral, stablelm
 from jaxlm.models.config import ModelConfig
 
 # family name -> its module (each family lives in its own module under jaxlm/models/).
 FAMILIES: dict[str, ModuleType] = {"llama": llama}
 FAMILIES["stablelm"] = stablelm
+FAMILIES["mixtral"] = mixtral
+FAMILIES["granite_hybrid"] = granite
+FAMILIES["mamba2"] = mamba2
 
 
 def get(family: str, size: str) -> ModelConfig:
