@@ -9,6 +9,7 @@ Every field has a default and a one-line help (`describe_config()` lists them al
 from __future__ import annotations
 
 from jaxlm.data.config import DataConfig
+from jaxlm.data.preference import AlignDataConfig
 from jaxlm.infer.config import GenerateConfig
 from jaxlm.models.config import ModelConfig
 from jaxlm.parallel.config import ParallelConfig
@@ -24,6 +25,9 @@ class Config:
     train: TrainConfig = field(TrainConfig(), "optimizer, schedule, loop, checkpoints")
     parallel: ParallelConfig = field(ParallelConfig(), "mesh and sharding")
     generate: GenerateConfig = field(GenerateConfig(), "sampling")
+    align: AlignDataConfig = field(AlignDataConfig(), "SFT / DPO rows (train.objective 'sft' "
+                                   "or 'dpo'); batches take data.seq_len, data.batch_size and "
+                                   "data.tokenizer")
 
     def validate(self) -> None:
         if self.data.batch_size % self.train.grad_accum_steps:
@@ -32,6 +36,11 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len}: expected <= "
                               f"model.max_seq_len={self.model.max_seq_len}")
+        if self.train.objective != "lm":
+            if not self.align.path:
+                raise ConfigError(f"align.path='': expected a JSONL file with "
+                                  f"train.objective={self.train.objective!r}")
+            self.align.check(self.data.seq_len)
 
 
 def default_config():

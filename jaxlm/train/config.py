@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from jaxlm.schema import ConfigError, field, section
+from jaxlm.train.dpo import DPOConfig
+from jaxlm.train.ramp import RampConfig
 
 
 @section
@@ -33,8 +35,18 @@ class TrainConfig:
     keep_checkpoints: int = field(3, "newest checkpoints kept on disk", min=1)
     async_checkpoint: bool = field(True, "write checkpoints in the background")
     progress_bar: bool = field(True, "show a tqdm progress bar")
+    objective: str = field("lm", "what is trained: lm (next token on data.sources), sft "
+                           "(completion tokens of align.path's prompt/completion rows) or dpo "
+                           "(align.path's chosen/rejected pairs)", choices=("lm", "sft", "dpo"))
+    dpo: DPOConfig = field(DPOConfig(), "direct preference optimisation (objective='dpo')")
+    ramp: RampConfig = field(RampConfig(), "batch-size ramp: accumulate more micro-batches "
+                             "per step as training goes (objective 'lm' or 'sft')")
 
     def validate(self) -> None:
         if self.warmup_steps > self.steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected <= "
                               f"train.steps={self.steps}")
+        self.ramp.check(self.grad_accum_steps)
+        if self.ramp.trigger != "off" and self.objective == "dpo":
+            raise ConfigError(f"train.ramp.trigger={self.ramp.trigger!r}: expected 'off' with "
+                              "train.objective='dpo' (the ramp drives the LM / SFT step)")
