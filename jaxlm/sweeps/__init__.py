@@ -1,0 +1,1 @@
+"""Ablation sweeps: run specs and validation (spec), launching (runner), results (report)."""
