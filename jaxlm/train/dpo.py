@@ -189,3 +189,51 @@ def make_dpo_eval_step(model, cfg: DPOConfig):
         return pair_sums(loss_p, chosen, rejected, valid_pairs(batch))
 
     return eval_step
+
+
+# ---- what the training loop calls --------------------------------------------------------------
+
+def reference_params(cfg, run):
+    """The frozen reference, placed like the policy's params: the newest checkpoint of
+    train.dpo.reference_workdir, or else the initialisation of train.seed (what a fresh run's
+    policy starts from, recomputed identically on every resume)."""
+    from jaxlm.train import state as state_lib
+    path = cfg.train.dpo.reference_workdir
+    if not path:
+        state = state_lib.create_state(run.model, run.tx, jax.random.key(cfg.train.seed),
+                                       cfg.data.seq_len, run.state_shardings)
+        return state.params
+    from jaxlm.surgery.rundir import read_run
+    reference = read_run(path)
+    if reference.cfg.model != cfg.model:
+        differs = next(f for f in cfg.model.__dataclass_fields__
+                       if getattr(reference.cfg.model, f) != getattr(cfg.model, f))
+        raise ConfigError(f"train.dpo.reference_workdir={path!r}: its model.{differs}="
+                          f"{getattr(reference.cfg.model, differs)!r} differs from this run's "
+                          f"{getattr(cfg.model, differs)!r}")
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x, x.shape),
+                        reference.params, run.state_shardings.params)
+
+
+def make_steps(cfg, run):
+    """(train_step(state, host pairs) -> (state, metrics), eval_step(params, model_state,
+    pairs) -> (Σ pair loss, pairs)) with the reference parameters held here."""
+    from jaxlm.parallel import distributed, sharding
+    tcfg, replicated = cfg.train, sharding.replicated(run.mesh)
+    ref = reference_params(cfg, run)
+    sh = run.state_shardings
+    step = jax.jit(make_dpo_step(run.model, run.tx, run.schedule, tcfg.dpo,
+                                 accum_steps=tcfg.grad_accum_steps),
+                   in_shardings=(sh, sh.params, run.batch_sharding),
+                   out_shardings=(sh, replicated), donate_argnums=(0,))
+    evaluate = jax.jit(make_dpo_eval_step(run.model, tcfg.dpo), out_shardings=replicated)
+
+    def train_step(state, batch):
+        return step(state, ref, distributed.global_batch(batch, run.batch_sharding,
+                                                         cfg.data.batch_size))
+
+    def eval_step(params, model_state, batch):
+        sums = evaluate(params, ref, model_state, batch)
+        return sums["loss"], sums["pairs"]
+
+    return train_step, eval_step

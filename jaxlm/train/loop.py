@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm.data import pipeline
+from jaxlm.data import pipeline, preference
 from jaxlm.data.tokenizers import Tokenizer, load_tokenizer
 from jaxlm.models.decoder import Decoder
 from jaxlm.parallel import distributed, sharding, validate, zero
@@ -42,6 +42,7 @@ from jaxlm.parallel.mesh import mesh_from_config
 from jaxlm.parallel.rules import make_rules
 from jaxlm.schema import ConfigError
 from jaxlm.train import batchlog, flops, guard, optimizer, state as state_lib, step as step_lib
+from jaxlm.train import dpo, ramp
 from jaxlm.train import workdir as workdir_lib
 from jaxlm.train.checkpoint import (Checkpointer, abstract_with_shardings, find_restorable,
                                     list_checkpoints, quarantine)
@@ -120,6 +121,56 @@ def evaluate(eval_step, state, batches: list[dict], batch_sharding) -> float:
     return total / max(weight, 1.0)
 
 
+def objective_data(cfg, run: Run):
+    """(training dataset, {name: held-out batches}, ramp controller or None) of
+    train.objective: lm reads data.sources, sft / dpo read align.path (jaxlm.data.preference).
+    With a batch-size ramp the dataset yields micro-batches of data.batch_size /
+    train.grad_accum_steps rows and the ramp iterator concatenates k of them per step."""
+    tcfg, dcfg = cfg.train, cfg.data
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    rows = dcfg.batch_size // (tcfg.grad_accum_steps if tcfg.ramp.trigger != "off" else 1)
+    if tcfg.objective == "lm":
+        dataset = pipeline.train_dataset(dcfg, run.tokenizer, rows, **where)
+        eval_sets = {name: pipeline.take(ds, tcfg.eval_batches)
+                     for name, ds in pipeline.eval_datasets(dcfg, run.tokenizer).items()}
+    else:
+        dataset = preference.train_dataset(cfg.align, tcfg.objective, run.tokenizer,
+                                           dcfg.seq_len, rows, **where)
+        eval_sets = {"heldout": preference.heldout_batches(
+            cfg.align, tcfg.objective, run.tokenizer, dcfg.seq_len, dcfg.batch_size,
+            tcfg.eval_batches)}
+    if tcfg.ramp.trigger == "off":
+        return dataset, eval_sets, None
+    controller = ramp.RampController(tcfg.ramp, tcfg.grad_accum_steps, rows, dcfg.seq_len)
+    return ramp.RampDataset(dataset, controller), eval_sets, controller
+
+
+def objective_steps(cfg, run: Run, controller=None):
+    """(train_step(state, host batch) -> (state, metrics), eval_step(params, model_state,
+    batch) -> (Σ loss, Σ weight)) of train.objective; build under activation_sharding."""
+    tcfg, replicated = cfg.train, sharding.replicated(run.mesh)
+    if tcfg.objective == "dpo":
+        return dpo.make_steps(cfg, run)
+    eval_step = jax.jit(step_lib.make_eval_step(run.model), out_shardings=replicated)
+    if controller is not None:
+        micro_rows = controller.micro_rows
+        return ramp.RampStepper(
+            run.model, run.tx, run.schedule, controller, z_loss=tcfg.z_loss, seed=tcfg.seed,
+            to_device=lambda b: distributed.global_batch(b, run.batch_sharding, micro_rows),
+            shardings=(run.state_shardings, run.batch_sharding, replicated)), eval_step
+    jitted = step_lib.jit_train_step(
+        step_lib.make_train_step(run.model, run.tx, run.schedule,
+                                 accum_steps=tcfg.grad_accum_steps, z_loss=tcfg.z_loss,
+                                 seed=tcfg.seed),
+        run.state_shardings, run.batch_sharding, replicated)
+
+    def train_step(state, batch):
+        return jitted(state, distributed.global_batch(batch, run.batch_sharding,
+                                                      cfg.data.batch_size))
+
+    return train_step, eval_step
+
+
 def _silent(*_args, **_kwargs) -> None:
     pass
 
@@ -188,10 +239,7 @@ def train(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False,
     current = config_to_dict(cfg)
     previous = workdir_lib.check(workdir, current, resume=resume, overwrite=overwrite)
     data_changed = previous is not None and previous.get("data") != current["data"]
-    dataset = pipeline.train_dataset(dcfg, run.tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-    eval_sets = {name: pipeline.take(ds, tcfg.eval_batches)
-                 for name, ds in pipeline.eval_datasets(dcfg, run.tokenizer).items()}
+    dataset, eval_sets, controller = objective_data(cfg, run)
     unigram = pipeline.unigram_cross_entropy(
         pipeline.open_documents(dcfg, "train"), run.tokenizer, eval_sets["heldout"],
         cfg.model.vocab_size)
@@ -224,12 +272,13 @@ def train(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False,
         if start.step is not None:
             log(f"resumed from {checkpoint_dir}/{start.step}")
         return _loop(cfg, run, workdir, start, first_batch, eval_sets, unigram, preemption,
-                     stack, poisoned=poisoned, batch_log=batch_log, log=log, warn=warn)
+                     stack, poisoned=poisoned, batch_log=batch_log, log=log, warn=warn,
+                     controller=controller)
 
 
 def _loop(cfg, run: Run, workdir: str, start: _Start, first_batch: dict, eval_sets: dict,
           unigram: float, preemption: Preemption, stack: ExitStack, *, poisoned, batch_log,
-          log, warn) -> dict:
+          log, warn, controller=None) -> dict:
     tcfg, dcfg = cfg.train, cfg.data
     is_main = distributed.is_main_process()
     state, data_iter = start.state, start.data_iter
@@ -245,13 +294,7 @@ def _loop(cfg, run: Run, workdir: str, start: _Start, first_batch: dict, eval_se
     last_saved = start.step
 
     with sharding.activation_sharding(run.mesh, run.rules):
-        train_step = step_lib.jit_train_step(
-            step_lib.make_train_step(run.model, run.tx, run.schedule,
-                                     accum_steps=tcfg.grad_accum_steps, z_loss=tcfg.z_loss,
-                                     seed=tcfg.seed),
-            run.state_shardings, run.batch_sharding, sharding.replicated(run.mesh))
-        eval_step = jax.jit(step_lib.make_eval_step(run.model),
-                            out_shardings=sharding.replicated(run.mesh))
+        train_step, eval_step = objective_steps(cfg, run, controller)
 
         params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
         flops_per_token = flops.flops_per_token(cfg.model, state.params, dcfg.seq_len)
@@ -318,8 +361,7 @@ def _loop(cfg, run: Run, workdir: str, start: _Start, first_batch: dict, eval_se
             batches.write(step, batch)
             if step in poisoned:
                 batch = guard.poison(batch)
-            state, metrics = train_step(state, distributed.global_batch(
-                batch, run.batch_sharding, dcfg.batch_size))
+            state, metrics = train_step(state, batch)
             window_tokens += batch["inputs"].size * jax.process_count()
             batch = None
             done = step + 1
