@@ -193,3 +193,52 @@ def test_ramp_iterator_draws_k_micro_batches_and_checkpoints_the_ramp():
     it2.set_state(saved)
     assert next(it2)["inputs"][:, 0].tolist() == after == [5, 6, 7]
     assert c2.state.tokens_seen == c.state.tokens_seen == 3 * 4 * 8
+
+
+# ---- in the training loop ---------------------------------------------------------------------
+
+def ramp_experiment(steps):
+    from jaxlm_testing import tiny_experiment
+    config = tiny_experiment()
+    config.data.batch_size = 4
+    config.train.grad_accum_steps = 2          # micro-batches of 2 rows, k starts at 2
+    config.train.steps = steps
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.train.schedule = "constant"
+    ramp_cfg = config.train.ramp
+    ramp_cfg.trigger, ramp_cfg.patience, ramp_cfg.plateau_delta = "plateau", 1, 100.0
+    ramp_cfg.max_accum_steps = 8               # fires from step 1 on: k 2, 4, 8, then LR / 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def ramp_run(tmp_path_factory):
+    from jaxlm.config import parse_config
+    from jaxlm.train.loop import train
+    workdir = str(tmp_path_factory.mktemp("ramp"))
+    return {**train(parse_config(ramp_experiment(5)), workdir, log=lambda *_: None),
+            "workdir": workdir}
+
+
+def test_loop_logs_batch_size_tokens_seen_and_lr_scale(ramp_run):
+    import json
+    records = [json.loads(line) for line in open(ramp_run["workdir"] + "/metrics.jsonl")]
+    steps = [r for r in records if "batch_size" in r]
+    # the first EMA sets the best; every later step fails to improve by 100 nats and fires
+    assert [r["accum_steps"] for r in steps] == [2, 2, 4, 8, 8]
+    assert [r["batch_size"] for r in steps] == [4, 4, 8, 16, 16]
+    assert [r["tokens_seen"] for r in steps] == [128, 256, 512, 1024, 1536]  # 32 tokens a row
+    assert [r["lr_scale"] for r in steps] == [1.0, 1.0, 1.0, 1.0, 0.5]     # fired at the cap
+    assert [r["learning_rate"] for r in steps][3:] == pytest.approx([1e-2, 0.5e-2], rel=1e-6)
+
+
+def test_resumed_ramp_equals_the_uninterrupted_one(ramp_run, tmp_path):
+    from jaxlm.config import parse_config
+    from jaxlm.train.loop import train
+    workdir = str(tmp_path / "resumed")
+    train(parse_config(ramp_experiment(2)), workdir, log=lambda *_: None)
+    resumed = train(parse_config(ramp_experiment(5)), workdir, log=lambda *_: None)
+    for a, b in zip(jax.tree.leaves(ramp_run["state"].params),
+                    jax.tree.leaves(resumed["state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,7 +8,9 @@ one-line error. A mode that needs no run directory sets `NEEDS_WORKDIR = False`.
 
 from experiments.modes import evaluate, generate, train, train_tokenizer
 from experiments.modes import convert, merge, upscale
+from experiments.modes import dpo, sft
 
 MODES = {"train": train, "eval": evaluate, "generate": generate,
          "train_tokenizer": train_tokenizer}
 MODES.update(convert=convert, upscale=upscale, merge=merge)
+MODES.update(sft=sft, dpo=dpo)

@@ -208,9 +208,11 @@ class RampController:
             s.accum = self.accum_for(done)
         return False
 
-    def metrics(self, accum: int) -> dict:
+    def metrics(self, accum: int, lr_scale: float) -> dict:
+        """What a step taken with `accum` micro-batches and `lr_scale` logs (after observing
+        it: tokens_seen includes it, b_simple is the current estimate)."""
         out = {"batch_size": accum * self.micro_rows, "accum_steps": accum,
-               "tokens_seen": self.state.tokens_seen, "lr_scale": self.state.lr_scale}
+               "tokens_seen": self.state.tokens_seen, "lr_scale": lr_scale}
         b_simple = self.b_simple()
         if b_simple is not None:
             out["b_simple"] = b_simple
@@ -375,12 +377,13 @@ class RampStepper:
                 acc = self.zero(state.params, state.model_state, micro)
             acc = self.micro_step(acc, state.params, micro, np.int32(step), np.int32(i),
                                   total_weight, np.int32(k))
+        lr_scale = self.controller.state.lr_scale
         state, metrics = self.apply_step(state, acc, total_weight, np.int32(k),
-                                         np.float32(self.controller.state.lr_scale))
+                                         np.float32(lr_scale))
         self.controller.observe(step, k, float(metrics["loss"]), float(metrics["g_small_sq"]),
                                 float(metrics["g_big_sq"]))
         metrics = dict(metrics)
-        metrics.update(self.controller.metrics(k))
+        metrics.update(self.controller.metrics(k, lr_scale))
         return state, metrics
 
 
