@@ -230,3 +230,30 @@ def test_grid_parsing_and_finished_detection(tmp_path):
     with open(os.path.join(run.workdir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 20, "eval/lo')  # a torn line from a killed run
     assert not runner.is_finished(run, 20)
+
+
+def test_residual_stream_reproduces_the_decoders_logits_and_cosines():
+    """The per-layer stream of jaxlm.sweeps.analysis, finished with the final norm and head,
+    equals Decoder.apply; the cosines match a float64 NumPy evaluation of that stream."""
+    import flax.linen as nn
+    import jax
+    from jaxlm.models.config import ModelConfig
+    from jaxlm.models.decoder import Decoder
+    from jaxlm.sweeps import analysis
+    cfg = ModelConfig(vocab_size=64, embed_dim=16, num_layers=4, layer_pattern="AA",
+                      num_heads=2, mlp_dim=32)
+    model = Decoder(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    logits, _ = model.apply({"params": params}, tokens)
+    hs = analysis.residual_stream(cfg, params, tokens)
+    assert hs.shape == (5, 2, 8, 16)
+    last = hs[-1].astype(np.float64)
+    scale = np.asarray(params["final_norm"]["scale"], np.float64)
+    normed = last / np.sqrt((last ** 2).mean(-1, keepdims=True) + cfg.norm_eps) * scale
+    ref = normed @ np.asarray(params["lm_head"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-5)
+    cos = analysis.layer_io_cosine(cfg, params, tokens)
+    x, y = hs[2].astype(np.float64).reshape(-1, 16), hs[3].astype(np.float64).reshape(-1, 16)
+    want = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, y)])
+    assert cos.shape == (4,) and abs(cos[2] - want) < 1e-9

@@ -37,6 +37,20 @@ def run_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in curves.items()}
 
 
+def run_tokens(workdir: str) -> dict[int, float]:
+    """{step: tokens trained on after it}: the loop's `tokens_seen` where logged (a batch-size
+    ramp), else step × batch_size × seq_len; eval-only steps are interpolated from these."""
+    seen = {int(r["step"]): float(r["tokens_seen"]) for r in read_metrics(workdir)
+            if "tokens_seen" in r}
+    data = _config(workdir).get("data", {})
+    per_step = float(data.get("batch_size", 0)) * float(data.get("seq_len", 0))
+    if not seen:
+        return {s: s * per_step for c in run_curves(workdir).values() for s, _ in c}
+    steps = np.array(sorted(seen))
+    wanted = sorted({s for c in run_curves(workdir).values() for s, _ in c} | set(seen))
+    return {s: float(np.interp(s, steps, [seen[k] for k in steps])) for s in wanted}
+
+
 def _config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -152,7 +166,7 @@ def mean_curve(curves: Sequence[list[tuple[int, float]]]):
 
 
 def plot_curves(path: str, curves: dict[str, list[dict]], metrics: Sequence[str] = ("loss",
-                "eval/loss"), title: str = "") -> None:
+                "eval/loss"), title: str = "", xlabel: str = "step") -> None:
     """One panel per metric; per setting the mean over seeds (band: ± std)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -168,7 +182,7 @@ def plot_curves(path: str, curves: dict[str, list[dict]], metrics: Sequence[str]
             (line,) = ax.plot(steps, mean, label=f"{setting} (n={len(series)})",
                               marker="o" if len(steps) < 12 else None, markersize=3)
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (nats/token)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -227,5 +241,14 @@ def write_report(out: str, runs: Sequence[Run], steps_of, *, title: str = "",
         curves.setdefault(run.setting, []).append(run_curves(run.workdir))
     if any(c for cs in curves.values() for c in cs):
         plot_curves(os.path.join(out, "loss_curves.png"), curves, title=title)
+        if any("tokens_seen" in r for run in runs for r in read_metrics(run.workdir)):
+            by_tokens: dict[str, list[dict]] = {}
+            for run in runs:  # x = tokens: a batch-size ramp takes more tokens per step
+                tokens = run_tokens(run.workdir)
+                by_tokens.setdefault(run.setting, []).append(
+                    {k: [(int(tokens[s]), v) for s, v in c]
+                     for k, c in run_curves(run.workdir).items()})
+            plot_curves(os.path.join(out, "loss_vs_tokens.png"), by_tokens, title=title,
+                        xlabel="tokens")
         plot_final(os.path.join(out, "final_metrics.png"), rows, title=title)
     return rows
