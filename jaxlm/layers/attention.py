@@ -52,8 +52,9 @@ def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask, scale: float, dtype):
 def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale: float, dtype):
     """Attention of t new queries over the cache and the t new keys.
 
-    cache: k, v [b, S, g, k] (entries of earlier steps), segment_ids [b, S] (0: padding or not
-    yet written), index [] (columns written so far). Without 'k'/'v' nothing is cached yet (a
+    cache: k, v [b, g, S, k] (entries of earlier steps; heads before positions so both
+    einsums are plain batched matmuls with no transpose of the cache), segment_ids [b, S] (0:
+    padding or not yet written), index [] (columns written so far). Without 'k'/'v' nothing is cached yet (a
     prefill from an empty cache) and only the new keys are attended. A row is one sequence: a
     non-zero segment id only marks a real token. New key u is seen by new query i when u ≤ i
     and it is real.
@@ -72,14 +73,14 @@ def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale:
         probs_bgrtu = jax.nn.softmax(new_bgrtu, axis=-1).astype(dtype)
         out_btgrk = jnp.einsum("bgrtu,bugk->btgrk", probs_bgrtu, v_btgk)
         return out_btgrk.reshape(b, t, h, k)
-    cache_k_bsgk, cache_v_bsgk = cache["k"].astype(dtype), cache["v"].astype(dtype)
-    s = cache_k_bsgk.shape[1]
-    old_bgrts = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, cache_k_bsgk,
+    cache_k_bgsk, cache_v_bgsk = cache["k"].astype(dtype), cache["v"].astype(dtype)
+    s = cache_k_bgsk.shape[2]
+    old_bgrts = jnp.einsum("btgrk,bgsk->bgrts", q_btgrk, cache_k_bgsk,
                            preferred_element_type=jnp.float32)
     old_valid_bs = (cache["segment_ids"] != 0) & (jnp.arange(s) < cache["index"])[None]
     old_bgrts = jnp.where(old_valid_bs[:, None, None, None, :], old_bgrts, low)
     probs = jax.nn.softmax(jnp.concatenate([old_bgrts, new_bgrtu], axis=-1), axis=-1).astype(dtype)
-    out_btgrk = (jnp.einsum("bgrts,bsgk->btgrk", probs[..., :s], cache_v_bsgk)
+    out_btgrk = (jnp.einsum("bgrts,bgsk->btgrk", probs[..., :s], cache_v_bgsk)
                  + jnp.einsum("bgrtu,bugk->btgrk", probs[..., s:], v_btgk))
     return out_btgrk.reshape(b, t, h, k)
 
@@ -138,8 +139,8 @@ class Attention(nn.Module):
     (and q_norm, k_norm with qk_norm).
 
     With `cache` (see `cached_attention`; positions are then the tokens' absolute positions)
-    it returns `(y [b, t, d], {'k', 'v': [b, t, g, k]})`: the output and the entries to write
-    at the cache index.
+    it returns `(y [b, t, d], {'k', 'v': [b, t, g, k]})`: the output and the entries the
+    decoder writes at the cache index.
     """
 
     num_heads: int

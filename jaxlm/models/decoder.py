@@ -22,7 +22,9 @@ with 'cache' too: attention layers hand back their new keys/values, written here
 stacked [repeats, b, S, g, k] cache with one dynamic_update_slice per slot (in place inside a
 jitted loop), Mamba layers their new conv/SSM state. An attention slot without 'k'/'v' (what
 `init_cache` gives) holds nothing yet: its layers attend among the new tokens only and its
-arrays are allocated at the first write.
+arrays are allocated at the first write. With variables from `unstack_layers` (one tree per
+repeat, `blocks_0`, `blocks_1`, ...) the cached path runs the repeats one after another
+instead of scanning, and the cache holds one tree per repeat too.
 """
 
 from __future__ import annotations
@@ -209,6 +211,25 @@ class Decoder(nn.Module):
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         index = cache["index"]
+        context = {"index": index, "segment_ids": cache["segment_ids"]}
+        length = cache["segment_ids"].shape[1]
+        new_cache = {
+            "index": index + t,
+            "segment_ids": jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_bt.astype(cache["segment_ids"].dtype),
+                (0, index)),
+        }
+        if self.has_variable("params", "blocks_0"):  # per-repeat layout (`unstack_layers`)
+            per_repeat_auxes = []
+            for r in range(cfg.num_repeats):
+                name = f"blocks_{r}"
+                x_btd, (auxes, entries) = Block(cfg, name=name)(
+                    x_btd, positions_bt, segment_ids_bt, deterministic, cache[name], context)
+                new_cache[name] = _write_entries(cfg, cache[name], entries, index, length,
+                                                 stacked=False)
+                per_repeat_auxes.append(auxes)
+            stacked_auxes = jax.tree.map(lambda *xs: jnp.stack(xs), *per_repeat_auxes)
+            return x_btd, new_cache, stacked_auxes
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0, "router_state": 0},
@@ -217,32 +238,10 @@ class Decoder(nn.Module):
             length=cfg.num_repeats,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="blocks")
-        context = {"index": index, "segment_ids": cache["segment_ids"]}
         x_btd, (stacked_auxes, entries) = blocks(x_btd, positions_bt, segment_ids_bt,
                                                  deterministic, cache["blocks"], context)
-        new_blocks = {}
-        for slot, kind in enumerate(cfg.pattern):
-            name = f"slot_{slot}"
-            if kind == "attention":  # entries [repeats, b, t, g, k] -> columns index .. index+t
-                new_blocks[name] = {}
-                for key in ("k", "v"):
-                    entry = entries[name][key]
-                    stored = cache["blocks"][name].get(key)
-                    if stored is None:  # nothing cached yet: allocate the slot's columns
-                        stored = jnp.zeros(entry.shape[:2] + cache["segment_ids"].shape[1:]
-                                           + entry.shape[3:], entry.dtype)
-                    new_blocks[name][key] = jax.lax.dynamic_update_slice(
-                        stored, entry.astype(stored.dtype), (0, 0, index, 0, 0))
-            else:
-                new_blocks[name] = {key: value.astype(cache["blocks"][name][key].dtype)
-                                    for key, value in entries[name].items()}
-        new_cache = {
-            "index": index + t,
-            "segment_ids": jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids_bt.astype(cache["segment_ids"].dtype),
-                (0, index)),
-            "blocks": new_blocks,
-        }
+        new_cache["blocks"] = _write_entries(cfg, cache["blocks"], entries, index, length,
+                                             stacked=True)
         return x_btd, new_cache, stacked_auxes
 
     def _logits(self, embed, x_btd):
@@ -258,6 +257,52 @@ class Decoder(nn.Module):
         if cfg.logits_divisor != 1.0:
             logits_btv = logits_btv / cfg.logits_divisor
         return nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
+
+
+def _write_entries(cfg: ModelConfig, cache: dict, entries: dict, index, length: int,
+                   stacked: bool) -> dict:
+    """The slots' new cache: attention entries [(repeats,) b, t, g, k] written into
+    [(repeats,) b, g, S, k] at columns index .. index+t (allocated if absent); Mamba slots
+    take their new state."""
+    lead = 1 if stacked else 0
+    out = {}
+    for slot, kind in enumerate(cfg.pattern):
+        name = f"slot_{slot}"
+        if kind != "attention":
+            out[name] = {key: value.astype(cache[name][key].dtype)
+                         for key, value in entries[name].items()}
+            continue
+        out[name] = {}
+        for key in ("k", "v"):
+            entry = jnp.swapaxes(entries[name][key], lead + 1, lead + 2)  # [.., b, g, t, k]
+            stored = cache[name].get(key)
+            if stored is None:  # nothing cached yet: allocate the slot's columns
+                shape = entry.shape[:lead + 2] + (length,) + entry.shape[lead + 3:]
+                stored = jnp.zeros(shape, entry.dtype)
+            start = (0,) * (lead + 2) + (index, 0)
+            out[name][key] = jax.lax.dynamic_update_slice(stored, entry.astype(stored.dtype),
+                                                          start)
+    return out
+
+
+def unstack_layers(variables: dict, cfg: ModelConfig) -> dict:
+    """Stacked block variables (`blocks`, leading `layers` axis) -> one tree per repeat
+    (`blocks_0`, `blocks_1`, ...), in every collection.
+
+    Only decoding uses this layout: a scanned layer stack slices each layer's weights out of
+    the stacked arrays on every step, which XLA:CPU does with a copy (measured: those copies
+    took twice as long as the matmuls of a one-token step). With per-repeat weights the
+    step's layers read their own arrays directly; compile time then grows with depth.
+    """
+    out = {}
+    for collection, tree in variables.items():
+        tree = dict(tree)
+        blocks = tree.pop("blocks", None)
+        if blocks is not None:
+            for r in range(cfg.num_repeats):
+                tree[f"blocks_{r}"] = jax.tree.map(lambda x, r=r: x[r], blocks)
+        out[collection] = tree
+    return out
 
 
 def build_model(cfg: ModelConfig) -> Decoder:
