@@ -193,6 +193,10 @@ def test_ramp_iterator_draws_k_micro_batches_and_checkpoints_the_ramp():
     it2.set_state(saved)
     assert next(it2)["inputs"][:, 0].tolist() == after == [5, 6, 7]
     assert c2.state.tokens_seen == c.state.tokens_seen == 3 * 4 * 8
+    # a data state saved without a ramp: same data position, the ramp starts afresh
+    it2.set_state({"i": 5})
+    assert c2.state.tokens_seen == 0
+    assert [next(it2)["inputs"][:, 0].tolist() for _ in range(3)] == [[5], [6], [7, 8, 9]]
 
 
 # ---- in the training loop ---------------------------------------------------------------------

@@ -39,7 +39,9 @@ the batch cannot grow, decay the LR) — applied as a scale on the optimizer's u
 optimizer state and train.schedule are untouched (use schedule='constant' for a pure ramp).
 
 The controller's state (k, LR scale, EMAs, tokens seen) travels with the data-iterator state in
-every checkpoint (`RampDataset`), so a resumed run continues the ramp where it was.
+every checkpoint (`RampDataset`), so a resumed run continues the ramp where it was. Logged per
+step: batch_size (rows), accum_steps, tokens_seen (input tokens so far), lr_scale, and b_simple
+once EMA(|G|²_est) is positive (early on, noise can make it negative; then it is left out).
 """
 
 from __future__ import annotations
@@ -242,6 +244,14 @@ class RampBatches:
                 "step": self.step}
 
     def set_state(self, saved: dict) -> None:
+        """Restores the data position and the ramp. A state saved without a ramp (the ramp
+        turned on when resuming) restores the data position and starts the ramp afresh, its
+        schedule counting steps from there."""
+        if "ramp" not in saved:
+            self.inner.set_state(saved)
+            self.controller.reset()
+            self.step = 0
+            return
         self.inner.set_state(saved["data"])
         self.controller.load_state_dict(saved["ramp"])
         self.step = saved["step"]
