@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
-NOTEBOOKS = ("quickstart",)
+NOTEBOOKS = ("quickstart", "hybrid_ssm")
 MARK = "NOTEBOOK_RESULTS "
 
 
@@ -78,4 +78,13 @@ def test_quickstart(tmp_path):
     assert r["final_loss"] < r["initial_loss"] - 0.5, r
     assert r["eval_loss"] < r["unigram_loss"] + 0.25, r
     assert all(n > 0 for n in r["generated_tokens"]), r
+    assert r["_figures"] >= 1, r
+
+
+def test_hybrid_ssm(tmp_path):
+    r = run_notebook("hybrid_ssm", tmp_path)
+    assert max(r["scan_error"].values()) < 1e-5, r["scan_error"]
+    assert set(r["scan_error"]) == {"chunked", "associative", "sequential"}
+    assert r["final_loss"] < r["initial_loss"] - 0.5, r
+    assert r["cached_equals_uncached"] is True and r["generated_tokens"] > 0, r
     assert r["_figures"] >= 1, r
