@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.schema import ConfigError, field, section
+from jaxlm.train import guard as guard_lib
 from jaxlm.train.step import apply_model, split_micro_batches
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -129,7 +130,9 @@ def make_dpo_step(model, tx: optax.GradientTransformation, schedule: Callable, c
     Pairs are split into `accum_steps` micro-batches whose gradients add up inside one
     `lax.scan`; the objective is the mean over all pairs of the batch (plus the model's
     auxiliary losses), so accumulation does not change the update. A step whose loss or
-    gradient norm is not finite changes nothing and reports `nonfinite` = 1 (as the LM step)."""
+    gradient norm is not finite changes nothing and reports `nonfinite` = 1 (as the LM step).
+    Both forward passes are deterministic and leave the model state (e.g. the MoE selection
+    bias) as it is: preference tuning does not re-balance the router."""
     def train_step(state, ref_params, batch):
         micro = split_micro_batches(batch, accum_steps)
         total_pairs = jnp.maximum(jnp.sum(valid_pairs(batch)), 1.0)
@@ -169,9 +172,9 @@ def make_dpo_step(model, tx: optax.GradientTransformation, schedule: Callable, c
                    "rewards/chosen": sums["chosen"] / n, "rewards/rejected": sums["rejected"] / n,
                    "logps/chosen": sums["chosen_logp"] / n,
                    "logps/rejected": sums["rejected_logp"] / n}
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+        finite = guard_lib.is_finite(metrics["loss"], metrics["grad_norm"])
+        params, opt_state = guard_lib.keep_if_finite(finite, (params, opt_state),
+                                                     (state.params, state.opt_state))
         metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -56,6 +56,7 @@ import numpy as np
 import optax
 
 from jaxlm.schema import ConfigError, field, section
+from jaxlm.train import guard as guard_lib
 from jaxlm.train.losses import cross_entropy_sums
 from jaxlm.train.step import apply_model
 
@@ -327,11 +328,10 @@ def make_apply_step(tx: optax.GradientTransformation, schedule: Callable, *,
                    **{f"model/{n}": v for n, v in acc["aux"]["metrics"].items()}}
         if z_loss:
             metrics["z_loss"] = acc["z"] / total_weight
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = (params, opt_state, acc["model_state"])
-        old = (state.params, state.opt_state, state.model_state)
-        params, opt_state, model_state = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), new, old)
+        finite = guard_lib.is_finite(loss, grad_norm, metrics.get("z_loss", 0.0))
+        params, opt_state, model_state = guard_lib.keep_if_finite(
+            finite, (params, opt_state, acc["model_state"]),
+            (state.params, state.opt_state, state.model_state))
         metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              model_state=model_state), metrics
