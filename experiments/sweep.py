@@ -147,9 +147,14 @@ def main(argv) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
+def cli(argv) -> int:
+    """main() with bad input reported as one line `error: ...` on stderr and status 2."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except ConfigError as e:
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -33,6 +33,19 @@ def sweep(*args):
                           cwd=ROOT, env=env, timeout=900)
 
 
+def sweep_in_process(capsys, *args):
+    """experiments/sweep.py's cli() in this process (no launches: validation, errors,
+    --emit); returns (status, stdout, stderr)."""
+    import importlib.util
+    module_spec = importlib.util.spec_from_file_location("sweep_cli", SWEEP)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    capsys.readouterr()
+    code = module.cli(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def sweep_args(out, *extra):
     sets = [a for kv in TINY for a in ("--set", kv)]
     return ["--config", QUICKSTART, *GRID, "--seeds", "0,1", "--steps", str(STEPS),
@@ -150,20 +163,23 @@ def test_run_list_task_skips_a_finished_run(swept, tmp_path):
     (["--grid", "train.steps=40,abc"], "error: flag --config.train.steps=abc"),
     (["--seeds", "0,x"], "error: --seeds='0,x': expected distinct non-negative ints"),
 ])
-def test_bad_override_fails_in_one_line_before_running_anything(tmp_path, args, message):
+def test_bad_override_fails_in_one_line_before_running_anything(tmp_path, capsys, args,
+                                                                message):
     out = str(tmp_path / "never")
-    result = sweep("--config", QUICKSTART, "--out", out, "--set", "model.num_layers=2", *args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    code, _, err = sweep_in_process(capsys, "--config", QUICKSTART, "--out", out, "--set",
+                                    "model.num_layers=2", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
     assert not os.path.exists(out)
 
 
-def test_emit_slurm_writes_an_array_script_and_runs_nothing(tmp_path):
+def test_emit_slurm_writes_an_array_script_and_runs_nothing(tmp_path, capsys):
     out = str(tmp_path / "slurm")
-    result = sweep(*sweep_args(out, "--emit", "slurm", "--parallel", "3",
-                               "--sbatch=--time=00:30:00", "--sbatch=--cpus-per-task=4"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, err = sweep_in_process(capsys, *sweep_args(
+        out, "--emit", "slurm", "--parallel", "3", "--sbatch=--time=00:30:00",
+        "--sbatch=--cpus-per-task=4"))
+    assert code == 0, err
     with open(os.path.join(out, "sweep.sbatch")) as f:
         script = f.read()
     lines = script.splitlines()
@@ -183,7 +199,7 @@ def test_emit_slurm_writes_an_array_script_and_runs_nothing(tmp_path):
     assert sorted(os.listdir(out)) == ["logs", "runs.json", "sweep.sbatch"]
 
 
-def test_list_form_and_get_sweep_in_a_config_file(tmp_path):
+def test_list_form_and_get_sweep_in_a_config_file(tmp_path, capsys):
     definition = {"runs": [{"name": "small", "overrides": {"model.embed_dim": 32}},
                            {"model.embed_dim": 64, "data.sources": ["stdlib"]}],
                   "set": {"model.num_layers": 2}, "seeds": [3, 4]}
@@ -204,8 +220,9 @@ def test_list_form_and_get_sweep_in_a_config_file(tmp_path):
         f"    return {{'grid': {{'train.learning_rate': [1e-3, 2e-3, 3e-3]}}, 'seeds': [0, 1],"
         f" 'set': {{'train.steps': 7 if variant == 'short' else 9, 'train.warmup_steps': 2}}}}\n")
     out = str(tmp_path / "from_config")
-    result = sweep("--config", f"{config}:short", "--out", out, "--emit", "slurm")
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, err = sweep_in_process(capsys, "--config", f"{config}:short", "--out", out,
+                                    "--emit", "slurm")
+    assert code == 0, err
     with open(os.path.join(out, "runs.json")) as f:
         runs = [spec.Run.from_json(r) for r in json.load(f)["runs"]]
     assert [(r.setting, r.seed) for r in runs] == [
