@@ -191,6 +191,9 @@ def from_config_dict(cls, cd: Any, path: str = ""):
         value = _coerce(value, hints[name], path + name)
         if value is not None:
             _check_range(value, f.metadata, path + name)
+            if (isinstance(value, float) and math.isinf(value)
+                    and not (isinstance(default, float) and math.isinf(default))):
+                raise ConfigError(f"{path}{name}={value!r}: expected a finite number")
         kwargs[name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)

@@ -48,6 +48,7 @@ class CheckpointError(ValueError):
 
 def _one_line(error: BaseException, limit: int = 240) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
+    text = text.split(" See full TensorStore details")[0]  # a repr of a bound method follows
     return text if len(text) <= limit else text[:limit] + "..."
 
 
