@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
-NOTEBOOKS = ("quickstart", "hybrid_ssm")
+NOTEBOOKS = ("quickstart", "hybrid_ssm", "surgery")
 MARK = "NOTEBOOK_RESULTS "
 
 
@@ -87,4 +87,16 @@ def test_hybrid_ssm(tmp_path):
     assert set(r["scan_error"]) == {"chunked", "associative", "sequential"}
     assert r["final_loss"] < r["initial_loss"] - 0.5, r
     assert r["cached_equals_uncached"] is True and r["generated_tokens"] > 0, r
+    assert r["_figures"] >= 1, r
+
+
+def test_surgery(tmp_path):
+    r = run_notebook("surgery", tmp_path)
+    assert r["upscaled_layers"] == 6, r
+    assert r["base_loss_continued"] < r["base_loss"], r
+    assert r["upscaled_loss_continued"] < r["upscaled_loss_step0"], r
+    for method in ("linear", "slerp"):  # the end points of a merge are the fine-tunes themselves
+        assert abs(r[f"{method}_loss"]["0.0"] - r["finetune_a_loss"]) < 1e-4, r
+        assert abs(r[f"{method}_loss"]["1.0"] - r["finetune_b_loss"]) < 1e-4, r
+        assert r[f"{method}_loss"]["0.5"] < max(r["finetune_a_loss"], r["finetune_b_loss"]), r
     assert r["_figures"] >= 1, r
