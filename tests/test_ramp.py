@@ -238,11 +238,22 @@ def test_loop_logs_batch_size_tokens_seen_and_lr_scale(ramp_run):
 
 
 def test_resumed_ramp_equals_the_uninterrupted_one(ramp_run, tmp_path):
+    """The uninterrupted run as if stopped after step 2 (its later checkpoints removed from a
+    copy of its workdir), resumed to step 5: same k, LR scale and data, same parameters."""
+    import os
+    import shutil
     from jaxlm.config import parse_config
     from jaxlm.train.loop import train
     workdir = str(tmp_path / "resumed")
-    train(parse_config(ramp_experiment(2)), workdir, log=lambda *_: None)
-    resumed = train(parse_config(ramp_experiment(5)), workdir, log=lambda *_: None)
+    shutil.copytree(ramp_run["workdir"], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(checkpoints), key=int) == ["2", "4", "5"]
+    for later in ("4", "5"):
+        shutil.rmtree(os.path.join(checkpoints, later))
+    messages = []
+    resumed = train(parse_config(ramp_experiment(5)), workdir, log=messages.append)
+    assert int(resumed["state"].step) == 5
+    assert f"resumed from {checkpoints}/2" in messages
     for a, b in zip(jax.tree.leaves(ramp_run["state"].params),
                     jax.tree.leaves(resumed["state"].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
