@@ -356,3 +356,28 @@ def test_launch_dpo_with_a_row_missing_rejected_is_one_line_naming_file_and_line
     assert lines == [f"error: {data}:3: missing field 'rejected' (expected {{prompt, chosen, "
                      "rejected})"]
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train": {"objective": "dpo"}}, "align.path='': expected a JSONL file with "
+                                      "train.objective='dpo'"),
+    ({"train": {"objective": "sft"}, "align": {"path": "x.jsonl", "max_prompt_tokens": 256}},
+     "align.max_prompt_tokens=256: expected < data.seq_len=256"),
+    ({"train": {"objective": "dpo", "ramp": {"trigger": "plateau"}},
+      "align": {"path": "x.jsonl"}}, "train.ramp.trigger='plateau': expected 'off' with "
+                                     "train.objective='dpo'"),
+    ({"train": {"objective": "rlhf"}}, "train.objective='rlhf': expected one of"),
+])
+def test_objective_config_errors_are_one_line(overrides, message):
+    from jaxlm.config import default_config, parse_config
+    config = default_config()
+    for section, fields in overrides.items():
+        for key, value in fields.items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    config[section][key][k] = v
+            else:
+                config[section][key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(config)
+    assert message in str(info.value) and "\n" not in str(info.value)
