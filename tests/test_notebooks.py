@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
-NOTEBOOKS = ("quickstart", "hybrid_ssm", "surgery")
+NOTEBOOKS = ("quickstart", "hybrid_ssm", "surgery", "dpo")
 MARK = "NOTEBOOK_RESULTS "
 
 
@@ -99,4 +99,14 @@ def test_surgery(tmp_path):
         assert abs(r[f"{method}_loss"]["0.0"] - r["finetune_a_loss"]) < 1e-4, r
         assert abs(r[f"{method}_loss"]["1.0"] - r["finetune_b_loss"]) < 1e-4, r
         assert r[f"{method}_loss"]["0.5"] < max(r["finetune_a_loss"], r["finetune_b_loss"]), r
+    assert r["_figures"] >= 1, r
+
+
+def test_dpo(tmp_path):
+    r = run_notebook("dpo", tmp_path)
+    assert r["sft_eval_loss"] < r["sft_first_loss"] - 1.0, r
+    log2 = 0.6931471805599453  # the DPO loss of a policy equal to its reference
+    assert r["dpo_last_loss"] < log2 and r["dpo_heldout_loss"] < log2 - 0.02, r
+    assert r["heldout_pairs"] >= 20, r
+    assert 0.0 <= r["dpo_heldout_reward_accuracy"] <= 1.0, r
     assert r["_figures"] >= 1, r
