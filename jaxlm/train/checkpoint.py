@@ -24,9 +24,11 @@ error: a run must not silently start again from scratch next to its own saved wo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import re
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -50,6 +52,47 @@ def _one_line(error: BaseException, limit: int = 240) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     text = text.split(" See full TensorStore details")[0]  # a repr of a bound method follows
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _from_failed_read(exc: BaseException | None, obj: Any = None) -> bool:
+    """Whether an exception reported outside any caller is debris of a failed orbax read."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True  # a TensorStore read finishing after orbax closed its event loop
+    code = getattr(obj, "cr_code", None) or getattr(getattr(obj, "get_coro", None) and
+                                                    obj.get_coro(), "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+class _ReadDebrisFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        never_retrieved = "exception was never retrieved" in record.getMessage()
+        return not (never_retrieved and (exc is None or "TensorStore" in str(exc)
+                                         or "OCDBT" in str(exc) or _from_failed_read(exc)))
+
+
+_debris_silenced = False
+
+
+def _silence_read_debris() -> None:
+    """After a failed read, orbax's concurrent reads of the other arrays are still in flight:
+    when they finish, after orbax closed its event loop, Python prints "Event loop is closed"
+    tracebacks and asyncio logs "Task exception was never retrieved" with pages of TensorStore
+    spec — at a random later moment, often after our one-line error. We already reported the
+    failure, so from the first failed read on, exactly these reports are dropped (installed
+    once; everything else still reaches the previous hook)."""
+    global _debris_silenced
+    if _debris_silenced:
+        return
+    _debris_silenced = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _from_failed_read(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_ReadDebrisFilter())
 
 
 @contextmanager
@@ -182,16 +225,17 @@ def _restore_checked(step_dir: epath.Path, abstract_state):
     if missing:
         raise CheckpointError(f"item '{missing[0]}' is missing (an interrupted or damaged "
                               "checkpoint)")
+    results, failure = {}, None
     with _quiet_orbax():
         try:
             stored = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"item 'state': unreadable metadata ({_one_line(e)})") from None
-        problem = check_shapes(_leaf_shapes(stored), _leaf_shapes(abstract_state))
-        if problem:
-            raise CheckpointError(f"item 'state': {problem}")
-        results = {}
-        for item in ITEMS:
+            failure = f"item 'state': unreadable metadata ({_one_line(e)})"
+        if failure is None:
+            problem = check_shapes(_leaf_shapes(stored), _leaf_shapes(abstract_state))
+            if problem:
+                failure = f"item 'state': {problem}"
+        for item in ITEMS if failure is None else ():
             try:
                 if item == "state":
                     handler = ocp.CompositeCheckpointHandler()
@@ -199,10 +243,16 @@ def _restore_checked(step_dir: epath.Path, abstract_state):
                         state=ocp.args.StandardRestore(abstract_state)))["state"]
                 else:
                     results[item] = _restore_json(step_dir, item)
-            except CheckpointError:
-                raise
+            except CheckpointError as e:
+                failure = str(e)
             except Exception as e:  # noqa: BLE001
-                raise CheckpointError(f"item '{item}': {_one_line(e)}") from None
+                failure = f"item '{item}': {_one_line(e)}"
+            if failure is not None:
+                break
+    if failure is not None:
+        _silence_read_debris()
+        gc.collect()  # frees the failed read's coroutines now, while the filter is in place
+        raise CheckpointError(failure)
     meta_step = results["meta"].get("step")
     state_step = int(results["state"].step)
     if meta_step is not None and int(meta_step) != state_step:
