@@ -287,11 +287,12 @@ def _blocked_forward(lhs_md, rhs_edf, group_sizes_e, block: int, transpose_rhs: 
     out_features = rhs_edf.shape[1] if transpose_rhs else rhs_edf.shape[2]
 
     def per_expert(e, out_mf):
-        w = rhs_edf[e]
-
         def chunk(row, rows, out_mf):
+            # the expert's weights are sliced here, inside its row loop, so an expert without
+            # rows costs nothing (hoisted out of the loop, the E weight copies dominated a
+            # one-token decode step: 85 ms instead of ~1 ms for 32 experts of 512×256)
             x_cd = lax.dynamic_slice_in_dim(lhs_md, row, rows)
-            y_cf = lax.dot_general(x_cd, w, contract, preferred_element_type=acc)
+            y_cf = lax.dot_general(x_cd, rhs_edf[e], contract, preferred_element_type=acc)
             return lax.dynamic_update_slice_in_dim(out_mf, y_cf.astype(out_mf.dtype), row, 0)
 
         return _over_expert_rows(first_row_e[e], blocks_e[e], block, lhs_md.shape[0], chunk,
@@ -406,8 +407,37 @@ def _gated(gate, up):
     return jax.nn.silu(gate) * up
 
 
-def _swiglu_experts(matmul, x, wi_gate, wi_up, wo):
-    return matmul(_gated(matmul(x, wi_gate), matmul(x, wi_up)), wo)
+FUSE_GATE_UP = True
+
+
+def swiglu_experts(matmul, x_rd, wi_gate_edi, wi_up_edi, wo_eid):
+    """The experts' SwiGLU on grouped rows. With many rows, gate and up run as ONE grouped
+    matmul over the concatenated [E, D, 2I] weight: the row buffer is read once instead of
+    twice, each per-expert GEMM is twice as wide, and the backward's d x is one matmul
+    contracting 2I instead of two contracting I plus an add. The concatenation copies all
+    E·D·2I weights, so it is skipped when the rows are fewer than the weight rows it copies
+    (decoding: a few rows, where the copy would cost more than the experts' matmuls).
+    Measured at 4096 tokens, 64×top-8, D512, I256: ~3% off a layer's forward + backward."""
+    num_experts, _, hidden = wi_gate_edi.shape
+    if not FUSE_GATE_UP or x_rd.shape[0] < 2 * num_experts * hidden:
+        return matmul(_gated(matmul(x_rd, wi_gate_edi), matmul(x_rd, wi_up_edi)), wo_eid)
+    h_r2i = matmul(x_rd, jnp.concatenate([wi_gate_edi, wi_up_edi], axis=-1))
+    return matmul(_gated(h_r2i[:, :hidden], h_r2i[:, hidden:]), wo_eid)
+
+
+def gathered_experts_ffn(x_td, experts_tk, weights_tk, wi_gate_edi, wi_up_edi, wo_eid):
+    """Few assignments (decoding: T·k ≤ E): each assignment gathers its expert's weights and
+    runs batched matvecs. It reads exactly the chosen experts' weights — the least any
+    dispatch can — where the grouped matmul's loop over all E experts costs ~E × (loop and
+    buffer overhead) even for experts without rows (measured ~12 ms for 32 experts, 1 token)."""
+    t, k = experts_tk.shape
+    dtype = x_td.dtype
+    experts_a = experts_tk.reshape(-1)
+    x_ad = jnp.repeat(x_td, k, axis=0)
+    gate_ai = jnp.einsum("ad,adi->ai", x_ad, wi_gate_edi[experts_a].astype(dtype))
+    up_ai = jnp.einsum("ad,adi->ai", x_ad, wi_up_edi[experts_a].astype(dtype))
+    y_ad = jnp.einsum("ai,aid->ad", _gated(gate_ai, up_ai), wo_eid[experts_a].astype(dtype))
+    return jnp.sum(y_ad.reshape(t, k, -1) * weights_tk[..., None].astype(dtype), axis=1)
 
 
 def dropless_ffn(x_td, experts_tk, weights_tk, wi_gate_edi, wi_up_edi, wo_eid, *,
@@ -423,6 +453,8 @@ def dropless_ffn(x_td, experts_tk, weights_tk, wi_gate_edi, wi_up_edi, wo_eid, *
     num_experts = wi_gate_edi.shape[0]
     n_assign = t * k
     experts_a = experts_tk.reshape(-1)
+    if n_assign <= num_experts:
+        return gathered_experts_ffn(x_td, experts_tk, weights_tk, wi_gate_edi, wi_up_edi, wo_eid)
     order_a = jnp.argsort(experts_a, stable=True)          # sorted position -> assignment
     rank_a = jnp.argsort(order_a)                           # assignment -> sorted position
     counts_e = jnp.bincount(experts_a, length=num_experts)
@@ -436,7 +468,7 @@ def dropless_ffn(x_td, experts_tk, weights_tk, wi_gate_edi, wi_up_edi, wo_eid, *
     x_rd = gather_rows(x_td, token_of_row, row_of_assignment.reshape(t, k))
     matmul = functools.partial(_grouped_experts_matmul, group_sizes_e=layout.padded_sizes,
                                block=block, impl=impl)
-    y_rd = _swiglu_experts(matmul, x_rd, wi_gate_edi, wi_up_edi, wo_eid)
+    y_rd = swiglu_experts(matmul, x_rd, wi_gate_edi, wi_up_edi, wo_eid)
     return combine_rows(y_rd, row_of_assignment.reshape(t, k), weights_tk, assignment_of_row)
 
 

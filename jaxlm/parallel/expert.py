@@ -145,8 +145,8 @@ def _local_experts_ffn(x_rd, local_expert_r, wi_gate, wi_up, wo, *, block: int, 
     matmul = functools.partial(moe.grouped_matmul, group_sizes_e=layout.padded_sizes,
                                block=block, aligned=True, impl=impl)
     dtype = x_rd.dtype
-    hidden = moe._gated(matmul(x_pd, wi_gate.astype(dtype)), matmul(x_pd, wi_up.astype(dtype)))
-    y_pd = matmul(hidden, wo.astype(dtype))
+    y_pd = moe.swiglu_experts(matmul, x_pd, wi_gate.astype(dtype), wi_up.astype(dtype),
+                              wo.astype(dtype))
     return moe.gather_rows(y_pd, padded_of_row, row_of_padded[:, None])
 
 
