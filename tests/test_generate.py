@@ -126,6 +126,14 @@ def test_sampling_is_reproducible_by_seed(models):
     assert one == generate_uncached(model, variables, PROMPTS[0], NEW, temperature=1.0, seed=3)
 
 
+def test_vocab_limit_draws_only_ids_below_it(models):
+    model, variables, gen = models("llama")
+    out = gen(PROMPTS, NEW, vocab_limit=40)
+    assert max(max(row) for row in out) < 40
+    logits, _ = model.apply(variables, np.asarray([PROMPTS[0]], np.int32))
+    assert out[0][0] == int(np.argmax(logits[0, -1, :40]))
+
+
 def test_per_row_stop_tokens(models):
     _, _, gen = models("llama")
     greedy = gen(PROMPTS, NEW)

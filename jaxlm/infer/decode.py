@@ -46,8 +46,12 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    vocab_limit: int = 0  # only ids below it are drawn (0: all; e.g. a tokenizer's vocabulary)
 
     def validate(self, vocab_size: int) -> None:
+        if not 0 <= self.vocab_limit <= vocab_size:
+            raise ValueError(f"vocab_limit={self.vocab_limit}: expected 0 (all) .. "
+                             f"model.vocab_size={vocab_size}")
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature={self.temperature}: expected >= 0 (0: greedy)")
         if not 0 <= self.top_k <= vocab_size:
@@ -66,6 +70,9 @@ def decode_program(model, max_new_tokens: int, sampling: Sampling, cache_len: in
     n = max_new_tokens
 
     def sample(logits_bv, rng):
+        if sampling.vocab_limit:
+            logits_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < sampling.vocab_limit,
+                                  logits_bv, -jnp.inf)
         return sample_token(logits_bv, rng, sampling.temperature, sampling.top_k, sampling.top_p)
 
     def program(variables, tokens_bp, lengths_b, stop_bs, rng):
@@ -227,15 +234,18 @@ class Generator:
     # ---- generation ---------------------------------------------------------------------------
     def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids=(), cache_len: Optional[int] = None) -> list[list[int]]:
+                 stop_ids=(), cache_len: Optional[int] = None,
+                 vocab_limit: int = 0) -> list[list[int]]:
         """New token ids per prompt (each ends with its stop token if it produced one).
 
         cache_len: the attention cache's positions (default: the padded prompt width plus
         max_new_tokens); a prompt that does not fit with its new tokens is an error.
+        vocab_limit: draw only ids below it (e.g. the tokenizer's vocabulary when the model's
+        is padded larger; 0: all).
         """
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens={max_new_tokens!r}: expected an int >= 1")
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        sampling = Sampling(float(temperature), int(top_k), float(top_p), int(vocab_limit))
         sampling.validate(self.cfg.vocab_size)
         ids = self._check_prompts(prompts)
         stop = self._stop_array(stop_ids, len(ids))

@@ -8,7 +8,8 @@ the last batch is filled up with repeats of one of its prompts so every batch ha
 number of rows (min(batch_size, number of prompts)) and batches of similar widths share one
 compiled program. A prompt longer than the model can take with its new tokens keeps its last
 tokens (what a left-to-right model needs); `stop_ids` end a row, and the stop token itself is
-not part of the returned text.
+not part of the returned text. Ids past the tokenizer's vocabulary (a model vocabulary padded
+larger) are never drawn.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class TextGenerator:
         never seen)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
-        limit = generator.cfg.max_seq_len
+        limit, limit_vocab = generator.cfg.max_seq_len, generator.cfg.vocab_size
         if max_context is not None and not 2 <= max_context <= limit:
             raise ValueError(f"max_context={max_context}: expected 2 .. model.max_seq_len="
                              f"{limit}")
@@ -39,6 +40,8 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_context = max_context or limit
+        # a model's vocabulary padded past the tokenizer's: never draw ids it cannot decode
+        self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < limit_vocab else 0
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         """Most prompt tokens that fit with `max_new_tokens` new ones."""
@@ -66,7 +69,8 @@ class TextGenerator:
             rows = order[start:start + self.batch_size]
             batch = [prompts[i] for i in rows]
             batch += [batch[-1]] * (width - len(batch))
-            new = self.generator(batch, max_new_tokens, stop_ids=stops, **sampling)
+            new = self.generator(batch, max_new_tokens, stop_ids=stops,
+                                 vocab_limit=self.vocab_limit, **sampling)
             for i, ids in zip(rows, new):
                 out[i] = ids[:-1] if ids and ids[-1] in stops else ids
         return out
