@@ -95,7 +95,8 @@ def upscaling(args) -> None:
                       if k != "model.num_layers"]], log)
         step0 = os.path.join(run.workdir, "step0_eval.json")
         if not os.path.isfile(step0):
-            text = launch(["--mode", "eval", "--workdir", run.workdir], log)
+            text = launch(["--mode", "eval", "--workdir", run.workdir, "--humaneval_limit=0",
+                           "--infill_limit=0"], log)
             report_line = json.loads(text.strip().splitlines()[-1])
             runner.write_json(step0, report_line)
 
