@@ -11,6 +11,7 @@ quarter (infilling) of it so any run directory evaluates with the defaults.
 
 import dataclasses
 import json
+import sys
 
 from absl import flags
 
@@ -26,6 +27,11 @@ flags.DEFINE_integer("infill_max_new_tokens", 32, "eval: infilled-line tokens (a
 flags.DEFINE_integer("eval_context", None, "eval: positions per prompt + completion (default "
                      "data.seq_len)")
 flags.DEFINE_integer("eval_workers", 2, "eval: sandboxed programs run at once")
+
+
+def progress(message: str) -> None:
+    """Progress on stderr: stdout carries the one JSON line."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def run(ctx) -> None:
@@ -62,13 +68,15 @@ def run(ctx) -> None:
         generator_kwargs=dict(mesh=run_.mesh, rules=run_.rules),
         perplexity_kwargs=dict(
             put=lambda b: distributed.replicated_batch(b, run_.batch_sharding),
-            tracing_context=lambda: sharding.activation_sharding(run_.mesh, run_.rules)))
+            tracing_context=lambda: sharding.activation_sharding(run_.mesh, run_.rules)),
+        log=progress if distributed.is_main_process() else lambda message: None)
     if not single and (f.humaneval_limit != 0 or f.infill_limit != 0):
         host = distributed.to_host(variables)
         if distributed.is_main_process():
             generation = dataclasses.replace(settings, humaneval_limit=f.humaneval_limit,
                                              infill_limit=f.infill_limit)
-            extra = evaluate_model(run_.model, host, run_.tokenizer, None, generation)
+            extra = evaluate_model(run_.model, host, run_.tokenizer, None, generation,
+                                   log=progress)
             seconds = dict(result.pop("seconds"), **extra.pop("seconds"))
             result.update(extra, seconds=seconds)
     unigram = pipeline.unigram_cross_entropy(pipeline.open_documents(cfg.data, "train"),
