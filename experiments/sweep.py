@@ -118,6 +118,9 @@ def main(argv) -> int:
     config, runs = build_runs(args)
     configs = spec.validate_runs(config, runs)
     steps_of = lambda run: configs[run.workdir].train.steps  # noqa: E731
+    for run in runs:
+        if runner.is_finished(run, steps_of(run)):
+            runner.check_finished_config(run, configs[run.workdir])
     out = os.path.abspath(args.out)
     if args.emit == "slurm":
         script, run_list = runner.emit_slurm(runs, config, out, parallel=(

@@ -274,3 +274,33 @@ def test_residual_stream_reproduces_the_decoders_logits_and_cosines():
     x, y = hs[2].astype(np.float64).reshape(-1, 16), hs[3].astype(np.float64).reshape(-1, 16)
     want = np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(x, y)])
     assert cos.shape == (4,) and abs(cos[2] - want) < 1e-9
+
+
+def test_a_finished_run_with_another_config_is_an_error_not_a_result(tmp_path, capsys):
+    """Skipping a finished run whose config differs would report its numbers under the wrong
+    setting; the sweep refuses before running anything and leaves the run alone."""
+    out = str(tmp_path / "sweep")
+    args = ["--config", QUICKSTART, "--grid", "train.learning_rate=1e-3", "--seeds", "0",
+            "--steps", "5", "--out", out, "--set", "train.warmup_steps=1"]
+    run = spec.make_runs([("learning_rate=1e-3", ())], [0], out)[0]
+    other = spec.validate_overrides(QUICKSTART, (("train.learning_rate", "2e-3"),
+                                                 ("train.warmup_steps", "1"),
+                                                 ("train.seed", "0"), ("data.seed", "0"),
+                                                 ("train.steps", "5")))
+    os.makedirs(run.workdir)
+    runner.write_json(os.path.join(run.workdir, "config.json"), runner.config_dict(other))
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "eval/loss": 3.0}) + "\n")
+    before = _mtimes(out)
+    code, _, err = sweep_in_process(capsys, *args)
+    assert code == 2 and err.startswith(f"error: {run.workdir} holds a finished run whose "
+                                        "train.learning_rate differs"), err
+    assert _mtimes(out) == before and sorted(os.listdir(out)) == ["learning_rate=1e-3"]
+    # the same config (progress bar and logging aside) is accepted and skipped
+    same = spec.validate_overrides(QUICKSTART, (("train.learning_rate", "1e-3"),
+                                                ("train.warmup_steps", "1"), ("train.seed", "0"),
+                                                ("data.seed", "0"), ("train.steps", "5"),
+                                                ("train.log_every", "3")))
+    runner.write_json(os.path.join(run.workdir, "config.json"), runner.config_dict(same))
+    code, stdout, err = sweep_in_process(capsys, *args)
+    assert code == 0 and "1 runs, 1 already finished, 0 to run" in stdout, err

@@ -61,6 +61,50 @@ def is_finished(run: Run, steps: int) -> bool:
     return final_step_logged(run.workdir, steps)
 
 
+# Fields that may differ between launches of one run without changing what it measures.
+VOLATILE = {"train": ("progress_bar", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "async_checkpoint"), "parallel": None, "generate": None}
+
+
+def config_dict(cfg) -> dict:
+    """A parsed config as the JSON dict launch.py writes to <workdir>/config.json."""
+    import dataclasses
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _difference(old, new, prefix: str) -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _difference(old.get(key), new.get(key), f"{prefix}.{key}")
+            if found:
+                return found
+        return None
+    return None if old == new else prefix
+
+
+def check_finished_config(run: Run, cfg) -> None:
+    """A finished run is skipped, so its config must be the one asked for now: otherwise its
+    numbers would be reported under the wrong setting. Raises ConfigError naming the field."""
+    from jaxlm.schema import ConfigError
+    path = os.path.join(run.workdir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    new = config_dict(cfg)
+    for section, volatile in VOLATILE.items():
+        if volatile is None:
+            old.pop(section, None), new.pop(section, None)
+        else:
+            for name in volatile:
+                old.get(section, {}).pop(name, None), new.get(section, {}).pop(name, None)
+    field = _difference(old, new, "config")
+    if field:
+        raise ConfigError(f"{run.workdir} holds a finished run whose {field[7:]} differs from "
+                          "this sweep's; it is kept as it is: use a new --out (or move that "
+                          "run away)")
+
+
 def log_path(out: str, run: Run) -> str:
     return os.path.join(out, "logs", f"{run.setting}__seed{run.seed}.log")
 
