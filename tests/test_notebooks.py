@@ -26,8 +26,12 @@ NOTEBOOKS = ("quickstart", "hybrid_ssm", "surgery", "dpo")
 MARK = "NOTEBOOK_RESULTS "
 
 
-def kernel_env() -> dict:
+def kernel_env(tmpdir=None) -> dict:
+    """The kernel's environment; `tmpdir` becomes its TMPDIR, so the run directories the
+    notebooks make with `tempfile` land in pytest's tmp_path (cleaned by pytest)."""
     env = dict(os.environ)
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     # Tiny shapes: compiling dominates, so skip XLA's backend optimisation (as other tests do).
     env["XLA_FLAGS"] = " ".join(flags.split() + ["--xla_backend_optimization_level=0"])
@@ -53,7 +57,7 @@ def run_notebook(name: str, workdir) -> dict:
         f"import json as _json\nprint({MARK!r} + _json.dumps(results, default=float))"))
     client = NotebookClient(nb, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(workdir)}})
-    client.execute(env=kernel_env())
+    client.execute(env=kernel_env(workdir))
     figures = sum("image/png" in output.get("data", {}) for cell in nb.cells
                   if cell.cell_type == "code" for output in cell.outputs)
     for output in nb.cells[-1].outputs:
