@@ -15,8 +15,13 @@ Choices worth knowing:
   expert's rows to the CPU block once and the three expert matmuls share it.
 * Gathers whose gradients would be scatters (dispatch, combine) have custom VJPs that are
   gathers too: XLA's CPU scatter is a serial loop.
-* Nothing loops over experts in Python and expert weights lead with the `experts` axis, so
-  sharding experts over a mesh axis is a rules-table entry (tested on data=2 × expert=4).
+* Expert parallelism: when the rules in effect split `experts` over a mesh axis of size > 1,
+  the dropless path dispatches by all-to-all inside a shard_map (`jaxlm.parallel.expert`), so
+  expert weights stay where they live; this module only asks that module whether the current
+  mesh splits experts and never names a mesh axis. The capacity path stays plain einsums,
+  which GSPMD partitions.
+* Decoding-sized calls (T·k ≤ E) gather the chosen experts' weights per assignment
+  (`gathered_experts_ffn`) instead of looping over all E experts.
 """
 
 from __future__ import annotations
