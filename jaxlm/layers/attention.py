@@ -54,8 +54,8 @@ def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale:
 
     cache: k, v [b, g, S, k] (entries of earlier steps; heads before positions so both
     einsums are plain batched matmuls with no transpose of the cache), segment_ids [b, S] (0:
-    padding or not yet written), index [] (columns written so far). Without 'k'/'v' nothing is cached yet (a
-    prefill from an empty cache) and only the new keys are attended. A row is one sequence: a
+    padding or not yet written), index [] (columns written so far). Without 'k'/'v' nothing
+    is cached yet (a prefill from an empty cache) and only the new keys are attended. A row is one sequence: a
     non-zero segment id only marks a real token. New key u is seen by new query i when u ≤ i
     and it is real.
     """

@@ -19,7 +19,7 @@ collection: apply with `mutable=['router_state']` to get it back.
 Decoding: `apply(params, tokens, positions, segment_ids, cache=cache)` (cache from
 `jaxlm.infer.cache.init_cache`) runs the new tokens from the cached state and returns aux
 with 'cache' too: attention layers hand back their new keys/values, written here into the
-stacked [repeats, b, S, g, k] cache with one dynamic_update_slice per slot (in place inside a
+stacked [repeats, b, g, S, k] cache with one dynamic_update_slice per slot (in place inside a
 jitted loop), Mamba layers their new conv/SSM state. An attention slot without 'k'/'v' (what
 `init_cache` gives) holds nothing yet: its layers attend among the new tokens only and its
 arrays are allocated at the first write. With variables from `unstack_layers` (one tree per
