@@ -27,14 +27,18 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm.layers.mlp import SwiGLU
-from jaxlm.layers.moe import MoE, MoEConfig, auto_block_size, default_grouped_matmul_impl
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxlm.layers.mlp import SwiGLU  # noqa: E402
+from jaxlm.layers.moe import (MoE, MoEConfig, auto_block_size,  # noqa: E402
+                              default_grouped_matmul_impl)
 
 
 class Stack(nn.Module):
