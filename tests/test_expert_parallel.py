@@ -20,6 +20,7 @@ from jaxlm.parallel.mesh import make_mesh
 from jaxlm.parallel.rules import DEFAULT_RULES
 
 D, I, SHARED_I = 16, 8, 12
+FAST = {"xla_backend_optimization_level": 0}  # tiny shapes: compile time dominates
 X = np.random.default_rng(0).normal(size=(8, 6, D)).astype(np.float32)
 
 
@@ -50,7 +51,7 @@ def run_sharded(module, boxed, params, x, **mesh_axes):
         shardings = sharding.mesh_shardings(boxed["params"], mesh, DEFAULT_RULES)
         p = jax.device_put(params, shardings)
         xs = jax.device_put(x, sharding.batch_sharding(mesh))
-        compiled = jax.jit(fn).lower(p, xs).compile()
+        compiled = jax.jit(fn, compiler_options=FAST).lower(p, xs).compile()
         loss, grads = compiled(p, xs)
     return float(loss), grads, compiled.as_text(), p
 
@@ -76,7 +77,7 @@ def case(request, devices):
     module = MoE(cfg)
     x = jnp.asarray(X)
     boxed, params = random_params(module, x, seed=3)
-    ref_loss, ref_grads = jax.jit(make_loss(module))(params, x)
+    ref_loss, ref_grads = jax.jit(make_loss(module), compiler_options=FAST)(params, x)
     loss, grads, hlo, sharded = run_sharded(module, boxed, params, x, **mesh_axes)
     return dict(name=request.param, cfg=cfg, mesh=mesh_axes, ref=(float(ref_loss), ref_grads),
                 ep=(loss, grads), hlo=hlo, sharded=sharded)
@@ -130,11 +131,12 @@ def test_mixtral_decoder_with_expert_parallelism_equals_single_device(devices):
         return ce + sum(aux["losses"].values())
 
     fn = jax.value_and_grad(loss)
-    ref_loss, ref_grads = jax.jit(fn)(params, tokens)
+    ref_loss, ref_grads = jax.jit(fn, compiler_options=FAST)(params, tokens)
     mesh = make_mesh(data=2, expert=4)
     with sharding.activation_sharding(mesh, DEFAULT_RULES):
         p = jax.device_put(params, sharding.mesh_shardings(boxed["params"], mesh, DEFAULT_RULES))
-        compiled = jax.jit(fn).lower(p, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+        compiled = jax.jit(fn, compiler_options=FAST).lower(
+            p, jax.device_put(tokens, sharding.batch_sharding(mesh)))
         compiled = compiled.compile()
         ep_loss, ep_grads = compiled(p, jax.device_put(tokens, sharding.batch_sharding(mesh)))
     assert sum(k == "all-to-all" for k, _ in collective_ops(compiled.as_text())) >= 5
