@@ -35,6 +35,8 @@ class TrainConfig:
     keep_checkpoints: int = field(3, "newest checkpoints kept on disk", min=1)
     async_checkpoint: bool = field(True, "write checkpoints in the background")
     progress_bar: bool = field(True, "show a tqdm progress bar")
+    max_nonfinite_steps: int = field(10, "stop the run after this many consecutive steps with "
+                                     "a non-finite loss or gradient norm (0: never stop)", min=0)
     objective: str = field("lm", "what is trained: lm (next token on data.sources), sft "
                            "(completion tokens of align.path's prompt/completion rows) or dpo "
                            "(align.path's chosen/rejected pairs)", choices=("lm", "sft", "dpo"))

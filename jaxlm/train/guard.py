@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 POISON_ENV = "JAXLM_POISON_STEPS"
-DEFAULT_MAX_CONSECUTIVE = 10  # default of train.max_nonfinite_steps
 
 
 class NonFiniteError(RuntimeError):
@@ -53,9 +52,8 @@ def keep_if_finite(finite: jax.Array, new, old):
 
 
 def max_consecutive(train_cfg) -> int:
-    """train.max_nonfinite_steps (0: never stop). Read with a default so this module works
-    with a TrainConfig that does not declare the field yet."""
-    return int(getattr(train_cfg, "max_nonfinite_steps", DEFAULT_MAX_CONSECUTIVE))
+    """train.max_nonfinite_steps (0: never stop)."""
+    return int(train_cfg.max_nonfinite_steps)
 
 
 class NonFiniteTracker:
