@@ -9,9 +9,11 @@ from jaxlm.models import presets
 from jaxlm.schema import to_config_dict
 
 
-def get_config(variant: str | None = None):
+def stdlib_code_config(model):
+    """The quickstart's data, schedule and sample around any ModelConfig (the family recipes
+    mixtral.py, granite_hybrid.py and mamba2.py share it)."""
     config = default_config()
-    config.model = to_config_dict(presets.get("llama", "tiny"))
+    config.model = to_config_dict(model)
     config.data.sources = ("stdlib",)
     config.data.seq_len = 256
     config.data.batch_size = 16
@@ -25,3 +27,7 @@ def get_config(variant: str | None = None):
     config.generate.prompt = "def fibonacci(n):\n"
     config.generate.max_new_tokens = 96
     return config
+
+
+def get_config(variant: str | None = None):
+    return stdlib_code_config(presets.get("llama", "tiny"))
