@@ -198,12 +198,17 @@ def test_cannot_write_outside_its_temp_dir(isolation):
         os.rmdir(outside)
 
 
-def test_working_directory_is_removed_afterwards():
-    before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("jaxlm-sandbox-")}
-    r = run_sandboxed("open('big.bin', 'wb').write(b'0' * 10 ** 6)\nimport os\nprint(os.getcwd())")
-    assert r.status == "passed"
-    after = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("jaxlm-sandbox-")}
-    assert after <= before  # the host-side directory is gone; the tmpfs died with the namespace
+def test_working_directory_is_removed_afterwards(monkeypatch):
+    # a private parent directory: other test workers run sandboxes in the shared /tmp meanwhile
+    parent = tempfile.mkdtemp(prefix="jaxlm-sandbox-test-")
+    os.chmod(parent, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", parent)
+    try:
+        r = run_sandboxed("open('big.bin', 'wb').write(b'0' * 10 ** 6)\nimport os\nprint(os.getcwd())")
+        assert r.status == "passed"
+        assert os.listdir(parent) == []  # the host-side directory is gone; the tmpfs died too
+    finally:
+        os.rmdir(parent)
 
 
 def test_cannot_open_a_network_connection(isolation):

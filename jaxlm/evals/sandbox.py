@@ -153,7 +153,7 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 <
             f.write(program)
         read_fd, write_fd = os.pipe()
         config = dict(
-            status_fd=write_fd, host_dir=host_dir, python=sys.executable, uid=uid,
+            status_fd=write_fd, host_dir=host_dir, python=_program_python(site_packages), uid=uid,
             timeout_s=float(timeout_s), cpu_s=cpu_s, memory_bytes=memory_bytes,
             max_processes=max_processes, max_file_bytes=max_file_bytes,
             workdir_bytes=workdir_bytes, extra_env=dict(extra_env or {}),
@@ -365,6 +365,19 @@ def _mountpoints() -> list[str]:
             raw = line.split()[4]
             points.append(raw.encode().decode("unicode_escape"))  # \040 (space) etc.
     return points
+
+
+def _program_python(site_packages: bool) -> str:
+    """The interpreter that runs the program. Without site-packages the base interpreter of a
+    virtual environment is enough (the standard library lives under its prefix), and it must be
+    used when the environment itself is under /tmp, which the sandbox covers with its tmpfs."""
+    python = sys.executable
+    if not site_packages:
+        python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    if any(path.startswith("/tmp/") for path in (os.path.abspath(python), os.path.realpath(python))):
+        raise SandboxError(f"interpreter {python} lives under /tmp, which the sandbox replaces "
+                           "with its private tmpfs; run from a Python installed elsewhere")
+    return python
 
 
 def _lock_filesystem(libc, config, uid) -> tuple[str, list[str]]:
