@@ -17,9 +17,9 @@ def stdlib_code_config(model):
     config.data.sources = ("stdlib",)
     config.data.seq_len = 256
     config.data.batch_size = 16
-    config.train.steps = 300
+    config.train.steps = 200
     config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 30
+    config.train.warmup_steps = 20
     config.train.log_every = 10
     config.train.eval_every = 100
     config.train.eval_batches = 8
