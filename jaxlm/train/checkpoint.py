@@ -79,19 +79,24 @@ def _silence_read_debris() -> None:
     when they finish, after orbax closed its event loop, Python prints "Event loop is closed"
     tracebacks and asyncio logs "Task exception was never retrieved" with pages of TensorStore
     spec — at a random later moment, often after our one-line error. We already reported the
-    failure, so from the first failed read on, exactly these reports are dropped (installed
-    once; everything else still reaches the previous hook)."""
+    failure, so from the first read on, exactly these reports are dropped (installed
+    once; everything else still reaches the previous hooks). TensorStore reports a callback
+    that raised through `PyErr_Print`, which calls `sys.excepthook`, so both hooks filter."""
     global _debris_silenced
     if _debris_silenced:
         return
     _debris_silenced = True
-    previous = sys.unraisablehook
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
-    def hook(unraisable):
+    def unraisable_hook(unraisable):
         if not _from_failed_read(unraisable.exc_value, unraisable.object):
-            previous(unraisable)
+            previous_unraisable(unraisable)
 
-    sys.unraisablehook = hook
+    def except_hook(kind, value, traceback):
+        if not _from_failed_read(value):
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
     logging.getLogger("asyncio").addFilter(_ReadDebrisFilter())
 
 
@@ -226,6 +231,7 @@ def _restore_checked(step_dir: epath.Path, abstract_state):
         raise CheckpointError(f"item '{missing[0]}' is missing (an interrupted or damaged "
                               "checkpoint)")
     results, failure = {}, None
+    _silence_read_debris()  # before the read: its debris can come while it is still failing
     with _quiet_orbax():
         try:
             stored = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
@@ -250,7 +256,6 @@ def _restore_checked(step_dir: epath.Path, abstract_state):
             if failure is not None:
                 break
     if failure is not None:
-        _silence_read_debris()
         gc.collect()  # frees the failed read's coroutines now, while the filter is in place
         raise CheckpointError(failure)
     meta_step = results["meta"].get("step")
