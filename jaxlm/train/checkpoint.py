@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -97,6 +98,8 @@ def _silence_read_debris() -> None:
             previous_except(kind, value, traceback)
 
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    # a failed read's pending coroutines, freed unawaited (jaxlm itself runs no coroutines)
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     logging.getLogger("asyncio").addFilter(_ReadDebrisFilter())
 
 
