@@ -7,6 +7,12 @@ mean(x_out²) + the MoE auxiliary losses. Three stacks, all with the same active
     8x top-2      8 experts of width F/2, top-2, dropless
     64x top-8     64 experts of width F/9, top-8, + 1 shared expert of width F/9, dropless
 
+A fourth stack, `64x_top8_matmuls_only`, runs only the fine-grained stack's matmuls (shared
+SwiGLU + the experts' grouped SwiGLU on perfectly balanced, already grouped rows): its ratio to
+dense, `matmuls_only_over_dense`, is the floor that no dispatch can beat with these expert
+shapes on this backend, and `dispatch_share_of_fine_grained` the part of the fine-grained step
+that routing, sorting, gathers and combine take.
+
 Routing uses the layer's own (random-init) router, so loads are what a fresh model sees. Steps
 are timed round-robin (dense, 8x2, 64x8, dense, ...) so that load from other processes on the
 machine hits all three alike; the reported step time is the median over rounds of the wall
@@ -24,6 +30,7 @@ computes the weight gradient of a [b, t, d] input ~1.6x slower, which would flat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -38,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxlm.layers.mlp import SwiGLU  # noqa: E402
 from jaxlm.layers.moe import (MoE, MoEConfig, auto_block_size,  # noqa: E402
-                              default_grouped_matmul_impl)
+                              default_grouped_matmul_impl, grouped_matmul, swiglu_experts)
 
 
 class Stack(nn.Module):
@@ -62,7 +69,42 @@ class Stack(nn.Module):
         return x_btd, aux_total
 
 
-def make_step(stack: Stack, x_btd):
+class ExpertMatmulsOnly(nn.Module):
+    """The fine-grained stack's matmuls and nothing else: per layer, the shared SwiGLU and the
+    routed experts' grouped SwiGLU on the k copies of the tokens laid out as if perfectly
+    balanced (T·k/E rows per expert, already grouped), summed over the copies. No router,
+    sort, gather or combine: the step time MoE dispatch could reach if it cost nothing."""
+
+    layers: int
+    moe: MoEConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.moe
+        b, t, d = x_btd.shape
+        rows = b * t * cfg.top_k
+        block = auto_block_size(rows, cfg.num_experts)
+        if rows % (cfg.num_experts * block):
+            raise SystemExit(f"tokens x top_k = {rows}: expected a multiple of experts x block")
+        sizes_e = jnp.full((cfg.num_experts,), rows // cfg.num_experts, jnp.int32)
+        matmul = functools.partial(grouped_matmul, group_sizes_e=sizes_e, block=block,
+                                   aligned=True)
+        x_td = x_btd.reshape(b * t, d)
+        for i in range(self.layers):
+            def weights(name, shape):
+                return self.param(f"{name}_{i}", nn.initializers.normal(0.02), shape)
+
+            x_rd = jnp.tile(x_td, (cfg.top_k, 1))
+            y_rd = swiglu_experts(matmul, x_rd,
+                                  weights("wi_gate", (cfg.num_experts, d, cfg.mlp_dim)),
+                                  weights("wi_up", (cfg.num_experts, d, cfg.mlp_dim)),
+                                  weights("wo", (cfg.num_experts, cfg.mlp_dim, d)))
+            shared_td = SwiGLU(cfg.shared_mlp_dim, name=f"shared_{i}")(x_td)
+            x_td = x_td + shared_td + y_rd.reshape(cfg.top_k, b * t, d).sum(0)
+        return x_td.reshape(b, t, d), jnp.zeros((), jnp.float32)
+
+
+def make_step(stack: nn.Module, x_btd):
     params = jax.jit(stack.init)(jax.random.key(0), x_btd)["params"]
 
     def loss(p, x):
@@ -115,9 +157,12 @@ def main():
                                       num_shared_experts=1, shared_mlp_dim=f // 9),
     }
     load_before = os.getloadavg()[0]
-    steps = {name: make_step(Stack(args.layers, f, cfg), x_btd) for name, cfg in variants.items()}
-    times = {name: [] for name in variants}
-    cpu_times = {name: [] for name in variants}
+    stacks = {name: Stack(args.layers, f, cfg) for name, cfg in variants.items()}
+    stacks["64x_top8_matmuls_only"] = ExpertMatmulsOnly(args.layers,
+                                                        variants["64x_top8_shared1"])
+    steps = {name: make_step(stack, x_btd) for name, stack in stacks.items()}
+    times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             wall, cpu = step()
@@ -142,6 +187,9 @@ def main():
         "moe8x2_over_dense": round(median["8x_top2"] / median["dense"], 3),
         "fine_grained_over_dense": round(median["64x_top8_shared1"] / median["dense"], 3),
         "fine_grained_over_dense_cpu": round(cpu["64x_top8_shared1"] / cpu["dense"], 3),
+        "matmuls_only_over_dense": round(median["64x_top8_matmuls_only"] / median["dense"], 3),
+        "dispatch_share_of_fine_grained": round(
+            1 - median["64x_top8_matmuls_only"] / median["64x_top8_shared1"], 3),
         "active_gflop_per_step": round(active_flops / 1e9, 1),
         "dense_step_gflops": round(active_flops / median["dense"] / 1e9, 1),
         "matmul_gflops": round(gflops, 1),
