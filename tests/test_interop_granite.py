@@ -11,8 +11,7 @@ import math
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from test_interop_llama import (TOL, max_diff, one_line_error, roundtrip,  # noqa: E402
-                                same_params, save_random_hf)
+from test_interop_llama import ParityTests, one_line_error, parity_cases  # noqa: E402
 
 from jaxlm.interop import hf as hf_interop  # noqa: E402
 from jaxlm.interop.granite import shortest_pattern  # noqa: E402
@@ -51,22 +50,7 @@ CASES = {
         num_local_experts=0, mamba_n_groups=1, mamba_proj_bias=True, mamba_conv_bias=False,
         time_step_limit=(0.0, 0.5), tie_word_embeddings=True),
 }
-_BUILT = {}
-
-
-def build(name, tmp_path_factory):
-    """Saves the case's random HF model and round-trips it once per test session."""
-    if name not in _BUILT:
-        path = str(tmp_path_factory.mktemp(name) / "hf")
-        save_random_hf(CASES[name](), transformers.GraniteMoeHybridForCausalLM, path,
-                       seed=len(name))
-        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory, seq=SEQ)}
-    return _BUILT[name]
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory)
+build, case = parity_cases(CASES, transformers.GraniteMoeHybridForCausalLM, seq=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +58,8 @@ def hybrid(tmp_path_factory):
     return build("nope_moe_groups4", tmp_path_factory)
 
 
-def test_import_matches_transformers(case):
-    assert max_diff(case["ours"], case["ref"]) <= TOL
-
-
-def test_export_loads_in_transformers_with_same_logits(case):
-    assert max_diff(case["back"], case["ref"]) <= TOL
-
-
-def test_export_then_import_is_exact(case):
-    cfg, params = case["again"]
-    assert cfg == case["cfg"] and same_params(params, case["params"])
+class TestParity(ParityTests):
+    """Import, export and a second import of every case."""
 
 
 def test_config_fields(case):

@@ -86,6 +86,45 @@ def same_params(a, b):
     return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
 
 
+def parity_cases(cases, model_cls=None, seq=SEQ):
+    """`(build, case)` for a table {name: () -> HF config} of one family (model_cls), or
+    {name: () -> (HF config, model class)}: `build(name, tmp_path_factory)` saves the case's
+    random HF model and round-trips it once per test session; `case` is a module fixture over
+    every name, which `ParityTests` runs on."""
+    built = {}
+
+    def build(name, tmp_path_factory):
+        if name not in built:
+            made = cases[name]()
+            config, cls = made if model_cls is None else (made, model_cls)
+            path = str(tmp_path_factory.mktemp(name) / "hf")
+            save_random_hf(config, cls, path, seed=len(name))
+            built[name] = {"name": name, **roundtrip(path, tmp_path_factory, seq=seq)}
+        return built[name]
+
+    @pytest.fixture(scope="module", params=sorted(cases))
+    def case(request, tmp_path_factory):
+        return build(request.param, tmp_path_factory)
+
+    return build, case
+
+
+class ParityTests:
+    """The acceptance checks of every family, on each case of its `case` fixture: transformers
+    -> import gives its logits; export loads in transformers with the same logits; importing
+    the export gives the same config and bit-identical parameters."""
+
+    def test_import_matches_transformers(self, case):
+        assert max_diff(case["ours"], case["ref"]) <= TOL
+
+    def test_export_loads_in_transformers_with_same_logits(self, case):
+        assert max_diff(case["back"], case["ref"]) <= TOL
+
+    def test_export_then_import_is_exact(self, case):
+        cfg, params = case["again"]
+        assert cfg == case["cfg"] and same_params(params, case["params"])
+
+
 # ---- parity cases -------------------------------------------------------------------------------
 
 def llama_config(**kw):
@@ -124,22 +163,7 @@ CASES = {
 }
 
 
-_BUILT = {}
-
-
-def build(name, tmp_path_factory):
-    """Saves the case's random HF model and round-trips it once per test session."""
-    if name not in _BUILT:
-        config, cls = CASES[name]()
-        path = str(tmp_path_factory.mktemp(name) / "hf")
-        save_random_hf(config, cls, path, seed=len(name))
-        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory)}
-    return _BUILT[name]
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory)
+build, case = parity_cases(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +172,8 @@ def base(tmp_path_factory):
     return build("gqa_untied_linear", tmp_path_factory)
 
 
-def test_import_matches_transformers(case):
-    assert max_diff(case["ours"], case["ref"]) <= TOL
-
-
-def test_export_loads_in_transformers_with_same_logits(case):
-    assert max_diff(case["back"], case["ref"]) <= TOL
-
-
-def test_export_then_import_is_exact(case):
-    cfg, params = case["again"]
-    assert cfg == case["cfg"] and same_params(params, case["params"])
+class TestParity(ParityTests):
+    """Import, export and a second import of every case."""
 
 
 def test_imported_config_fields(case):

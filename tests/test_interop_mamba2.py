@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from test_interop_llama import (TOL, jax_logits, max_diff, one_line_error, rewrite,  # noqa: E402
-                                roundtrip, same_params, save_random_hf, tokens)
+from test_interop_llama import (TOL, ParityTests, jax_logits, max_diff,  # noqa: E402
+                                one_line_error, parity_cases, rewrite, tokens)
 
 from jaxlm.interop import hf as hf_interop  # noqa: E402
 from jaxlm.interop.hf import export_hf, import_hf  # noqa: E402
@@ -37,21 +37,7 @@ CASES = {
         num_heads=8, head_dim=8, n_groups=1, use_bias=True, conv_kernel=3,
         tie_word_embeddings=True, time_step_limit=(0.05, 0.6), num_hidden_layers=3),
 }
-_BUILT = {}
-
-
-def build(name, tmp_path_factory):
-    """Saves the case's random HF model and round-trips it once per test session."""
-    if name not in _BUILT:
-        path = str(tmp_path_factory.mktemp(name) / "hf")
-        save_random_hf(CASES[name](), transformers.Mamba2ForCausalLM, path, seed=len(name))
-        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory, seq=SEQ)}
-    return _BUILT[name]
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory)
+build, case = parity_cases(CASES, transformers.Mamba2ForCausalLM, seq=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +50,8 @@ def grouped(tmp_path_factory):
     return build("groups2_untied", tmp_path_factory)
 
 
-def test_import_matches_transformers(case):
-    assert max_diff(case["ours"], case["ref"]) <= TOL
-
-
-def test_export_loads_in_transformers_with_same_logits(case):
-    assert max_diff(case["back"], case["ref"]) <= TOL
-
-
-def test_export_then_import_is_exact(case):
-    cfg, params = case["again"]
-    assert cfg == case["cfg"] and same_params(params, case["params"])
+class TestParity(ParityTests):
+    """Import, export and a second import of every case."""
 
 
 def test_config_and_fused_tensor_split(case):

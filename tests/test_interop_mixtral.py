@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from test_interop_llama import (TOL, jax_logits, max_diff, one_line_error,  # noqa: E402
-                                roundtrip, same_params, save_random_hf, tokens)
+from test_interop_llama import (TOL, ParityTests, jax_logits, max_diff,  # noqa: E402
+                                one_line_error, parity_cases, tokens)
 
 from jaxlm.interop.hf import export_hf  # noqa: E402
 
@@ -33,21 +33,7 @@ CASES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0,
                          "original_max_position_embeddings": 32}),
 }
-_BUILT = {}
-
-
-def build(name, tmp_path_factory):
-    """Saves the case's random HF model and round-trips it once per test session."""
-    if name not in _BUILT:
-        path = str(tmp_path_factory.mktemp(name) / "hf")
-        save_random_hf(CASES[name](), transformers.MixtralForCausalLM, path, seed=len(name))
-        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory, seq=16)}
-    return _BUILT[name]
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    return build(request.param, tmp_path_factory)
+build, case = parity_cases(CASES, transformers.MixtralForCausalLM, seq=16)
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +41,8 @@ def top3(tmp_path_factory):
     return build("tied_top3_window_yarn", tmp_path_factory)
 
 
-def test_import_matches_transformers(case):
-    assert max_diff(case["ours"], case["ref"]) <= TOL
-
-
-def test_export_loads_in_transformers_with_same_logits(case):
-    assert max_diff(case["back"], case["ref"]) <= TOL
-
-
-def test_export_then_import_is_exact(case):
-    cfg, params = case["again"]
-    assert cfg == case["cfg"] and same_params(params, case["params"])
+class TestParity(ParityTests):
+    """Import, export and a second import of every case."""
 
 
 def test_config_maps_routing_and_window(case):

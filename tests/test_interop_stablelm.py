@@ -8,8 +8,8 @@ import json
 import pytest
 
 transformers = pytest.importorskip("transformers")
-from test_interop_llama import (TOL, hf_logits, jax_logits, load_hf, max_diff,  # noqa: E402
-                                roundtrip, same_params, save_random_hf, tokens)
+from test_interop_llama import (TOL, ParityTests, hf_logits, jax_logits, load_hf,  # noqa: E402
+                                max_diff, parity_cases, tokens)
 
 from jaxlm.interop.hf import export_hf, import_hf  # noqa: E402
 
@@ -34,30 +34,11 @@ CASES = {
                          "partial_rotary_factor": 0.5}),
 }
 
-_BUILT = {}
+_, case = parity_cases(CASES, transformers.StableLmForCausalLM)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, tmp_path_factory):
-    name = request.param
-    if name not in _BUILT:
-        path = str(tmp_path_factory.mktemp(name) / "hf")
-        save_random_hf(CASES[name](), transformers.StableLmForCausalLM, path, seed=len(name))
-        _BUILT[name] = {"name": name, **roundtrip(path, tmp_path_factory)}
-    return _BUILT[name]
-
-
-def test_import_matches_transformers(case):
-    assert max_diff(case["ours"], case["ref"]) <= TOL
-
-
-def test_export_loads_in_transformers_with_same_logits(case):
-    assert max_diff(case["back"], case["ref"]) <= TOL
-
-
-def test_export_then_import_is_exact(case):
-    cfg, params = case["again"]
-    assert cfg == case["cfg"] and same_params(params, case["params"])
+class TestParity(ParityTests):
+    """Import, export and a second import of every case."""
 
 
 def test_imported_config_fields(case):
