@@ -12,24 +12,13 @@ middle tokens of PSM-infilled held-out documents).
 """
 
 from experiments.configs import stablecode_fim
+from experiments.configs._small_repro import short_run, small_model
 
 
 def get_config(variant: str | None = None):
     config = stablecode_fim.get_config()
-    config.model.embed_dim = 64
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.mlp_dim = 176
-    config.data.seq_len = 128
-    config.data.batch_size = 16
-    config.train.steps = 300
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 30
-    config.train.log_every = 10
-    config.train.eval_every = 50
-    config.train.eval_batches = 8
-    config.train.checkpoint_every = 300
-    config.train.progress_bar = False
+    small_model(config.model)
+    short_run(config, steps=300)
     return config
 
 

@@ -13,6 +13,7 @@ Three settings × 2 seeds, byte-level, seq 128, batch 16, 300 steps (614k tokens
 Only the mixers differ; the parameter counts are within 1.2%.
 """
 
+from experiments.configs._small_repro import short_run, small_model
 from jaxlm.config import default_config
 from jaxlm.models import presets
 from jaxlm.schema import to_config_dict
@@ -21,26 +22,13 @@ from jaxlm.schema import to_config_dict
 def get_config(variant: str | None = None):
     config = default_config()
     config.model = to_config_dict(presets.get("llama", "tiny"))
-    config.model.embed_dim = 64
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.num_kv_heads = 4
-    config.model.mlp_dim = 176
+    small_model(config.model, kv_heads=4)
     config.model.ssm.num_heads = 4
     config.model.ssm.head_dim = 16
     config.model.ssm.state_dim = 32
     config.model.ssm.chunk_size = 64
     config.data.sources = ("stdlib",)
-    config.data.seq_len = 128
-    config.data.batch_size = 16
-    config.train.steps = 300
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 30
-    config.train.log_every = 10
-    config.train.eval_every = 50
-    config.train.eval_batches = 8
-    config.train.checkpoint_every = 300
-    config.train.progress_bar = False
+    short_run(config, steps=300)
     return config
 
 

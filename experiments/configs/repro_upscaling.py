@@ -11,6 +11,7 @@ AdamW state, and a data stream the base never saw (data.seed = 1000 + seed):
   yi_late         Yi-9B: [(0, 4), (2, 4)] -> 6 layers; layers 2-3 (the last two) twice
 """
 
+from experiments.configs._small_repro import short_run, small_model
 from jaxlm.config import default_config
 from jaxlm.models import presets
 from jaxlm.schema import to_config_dict
@@ -22,22 +23,9 @@ CONTINUE_DATA_SEED = 1000
 def get_config(variant: str | None = None):
     config = default_config()
     config.model = to_config_dict(presets.get("llama", "tiny"))
-    config.model.embed_dim = 64
-    config.model.num_layers = 4
-    config.model.num_heads = 4
-    config.model.num_kv_heads = 4
-    config.model.mlp_dim = 176
+    small_model(config.model, kv_heads=4)
     config.data.sources = ("stdlib",)
-    config.data.seq_len = 128
-    config.data.batch_size = 16
-    config.train.steps = 250
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 25
-    config.train.log_every = 10
-    config.train.eval_every = 50
-    config.train.eval_batches = 8
-    config.train.checkpoint_every = 250
-    config.train.progress_bar = False
+    short_run(config, steps=250)
     if variant == "continue":
         config.train.steps = 150
         config.train.learning_rate = 1e-3
