@@ -98,8 +98,10 @@ def _silence_read_debris() -> None:
             previous_except(kind, value, traceback)
 
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
-    # a failed read's pending coroutines, freed unawaited (jaxlm itself runs no coroutines)
-    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+    # a failed read's pending per-shard reads, freed unawaited: only orbax's coroutine of that
+    # name, so a "never awaited" warning from the caller's own code still shows
+    warnings.filterwarnings("ignore", r"coroutine '_read_array_index_and_device_put' was never "
+                            "awaited", RuntimeWarning)
     logging.getLogger("asyncio").addFilter(_ReadDebrisFilter())
 
 
