@@ -111,9 +111,10 @@ def test_bad_sources_name_the_file(tmp_path):
     with pytest.raises(SourceError, match="empty.txt is empty"):
         open_source(f"text:{tmp_path}/empty.txt")
     (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    docs = open_source(f"jsonl:{tmp_path}/rows.jsonl")
-    assert docs[0] == "ok"
     with pytest.raises(SourceError, match=r"rows.jsonl:2: no field 'text'"):
-        docs[1]
+        open_source(f"jsonl:{tmp_path}/rows.jsonl")  # at open, not when a shuffle reaches it
+    (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n\n{"text": "two"}\n')
+    docs = open_source(f"jsonl:{tmp_path}/rows.jsonl")
+    assert [docs[0], docs[1], docs.name(1).rsplit(":", 1)[1]] == ["ok", "two", "3"]
     with pytest.raises(SourceError, match="expected 'stdlib'"):
         open_source("parquet:foo")

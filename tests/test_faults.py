@@ -359,8 +359,8 @@ BAD_INPUTS = [
     ("no-files", ["--config.data.sources=('text:/nonexistent/*.txt',)"],
      "no files match '/nonexistent/*.txt'", "new", {}),
     ("bad-jsonl", ["--config.data.sources=('jsonl:{data}/docs.jsonl',)"],
-     "docs.jsonl:201: not valid JSON", "new",  # 200 documents: the 5% held-out split (by a
-     {"prepare": lambda w, d: _write(f"{d}/docs.jsonl", "".join(  # hash of path:line) is never empty
+     "docs.jsonl:201: not valid JSON", "new",  # found at open, whether line 201 is in the
+     {"prepare": lambda w, d: _write(f"{d}/docs.jsonl", "".join(  # train or held-out split
          json.dumps({"text": f"x = {i}\n" * 20}) + "\n" for i in range(200)) + '{"text": \n')}),
     ("poison-env", [], "JAXLM_POISON_STEPS='7,x': expected step indices like '7,30-39'", "run",
      {"env": {"JAXLM_POISON_STEPS": "7,x"}}),

@@ -85,8 +85,27 @@ class FileDocuments(Documents):
         return _read_text(self.paths[index])
 
 
+def _jsonl_text(path: str, line_no: int, line: bytes, field_name: str) -> str:
+    """The `field_name` string of one JSONL line, or a SourceError naming file and line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or field_name not in record:
+        raise SourceError(f"{path}:{line_no}: no field {field_name!r} in the JSON object")
+    text = record[field_name]
+    if not isinstance(text, str):
+        raise SourceError(f"{path}:{line_no}: field {field_name!r} is not a string")
+    return text
+
+
 class JsonlDocuments(Documents):
-    """One document per JSONL line; the byte offset of every line is indexed up front."""
+    """One document per JSONL line; the byte offset of every line is indexed up front.
+
+    Every line is parsed once while indexing, so a malformed line fails the launch before
+    the first step instead of whenever the shuffle first reaches it (possibly hours in, and
+    possibly never if it lands in the held-out split). Texts are not kept in memory.
+    """
 
     def __init__(self, paths: Sequence[str], field_name: str = "text"):
         self.field_name = field_name
@@ -98,6 +117,7 @@ class JsonlDocuments(Documents):
                     for line in f:
                         line_no += 1
                         if line.strip():
+                            _jsonl_text(path, line_no, line, field_name)
                             self.index.append((path, line_no, offset))
                         offset += len(line)
             except OSError as e:
@@ -115,16 +135,7 @@ class JsonlDocuments(Documents):
         with open(path, "rb") as f:
             f.seek(offset)
             line = f.readline()
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or self.field_name not in record:
-            raise SourceError(f"{path}:{line_no}: no field {self.field_name!r} in the JSON object")
-        text = record[self.field_name]
-        if not isinstance(text, str):
-            raise SourceError(f"{path}:{line_no}: field {self.field_name!r} is not a string")
-        return text
+        return _jsonl_text(path, line_no, line, self.field_name)
 
 
 class ArrayRecordDocuments(Documents):
