@@ -6,13 +6,15 @@ ragged batch per family is compared row by row with `generate_uncached` on each 
 that checks the cache, left padding, per-row positions and the while_loop together.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from jaxlm.infer.cache import init_cache
-from jaxlm.infer.decode import Generator
+from jaxlm.infer.decode import Generator, Sampling
 from jaxlm.infer.generate import generate_uncached
 from jaxlm.layers.moe import MoEConfig
 from jaxlm.layers.rotary import RopeConfig
@@ -91,7 +93,7 @@ def test_scanned_layer_stack_equals_per_repeat():
 
 
 def test_prefill_cache_layout_and_logits(models):
-    """The prefill's cache holds k/v at [b, g, S, k] in the written columns, zeros after, and
+    """The prefill's cache holds k [b, g, S, k] in the written columns, zeros after, and
     its last logits equal the full forward's."""
     model, variables, _ = models("llama")
     cfg = model.cfg
@@ -105,6 +107,32 @@ def test_prefill_cache_layout_and_logits(models):
     assert np.abs(k[:, :, :5]).min() > 0 and np.abs(k[:, :, 5:]).max() == 0
     assert int(aux["cache"]["index"]) == 5
     np.testing.assert_array_equal(aux["cache"]["segment_ids"][0], [1] * 5 + [0] * 11)
+
+
+def _while_body_hlo(compiled_text: str) -> str:
+    name = re.search(r"body=%([^,\s]+)", compiled_text).group(1)
+    start = compiled_text.index(f"%{name} ")
+    return compiled_text[start:compiled_text.index("\n}\n", start)]
+
+
+def test_decode_loop_updates_the_cache_in_place(models):
+    """No cache array is copied or transposed inside the decoding loop: XLA copies them
+    on every step when a write is not ordered after the attention reads (decoder
+    `_after_reads`), and transposes one when its layout does not suit the matmul."""
+    model, variables, gen = models("llama")
+    cache_len = 8 + NEW
+    program = gen._program(NEW, Sampling(0.0, 0, 1.0, 0), cache_len)
+    text = program.lower(gen.variables, np.zeros((1, 8), np.int32), np.ones(1, np.int32),
+                         np.full((1, 1), -1, np.int32), jax.random.key(0)).compile().as_text()
+    body = _while_body_hlo(text)
+    cfg = model.cfg
+    g, s, k = cfg.kv_heads, cache_len, cfg.head_size
+    shapes = [f"f32[{lead}{dims}]" for lead in ("", "1,") for dims in (f"{g},{s},{k}",
+                                                                     f"{g},{k},{s}")]
+    moves = [line.strip() for line in body.splitlines()
+             if " copy(" in line or " transpose(" in line or "copy_" in line.split("=")[0]]
+    cache_moves = [m for m in moves if any(shape in m.split("=")[1][:40] for shape in shapes)]
+    assert not cache_moves, "\n".join(cache_moves)
 
 
 def test_top_k_one_equals_greedy(models):

@@ -9,7 +9,10 @@ Layout (R = repeats of the layer pattern, the leading `layers` axis of every blo
     index        []                 int32: columns written so far (the next write position)
     segment_ids  [b, S]             int32: 1 where a real token was written, 0 for padding or
                                     not-yet-written columns (attention masks those keys)
-    blocks/slot_i (attention)  k, v [R, b, kv_heads, S, head_dim]   in the compute dtype;
+    blocks/slot_i (attention)  k [R, b, kv_heads, S, head_dim], v [R, b, kv_heads,
+                               head_dim, S] in the compute dtype (each with the axis its
+                               einsum contracts last, the layout XLA:CPU's matmul wants for
+                               its right operand: no per-step transpose of the cache);
                                absent until the first write ({} from `init_cache`: a
                                prefill attends among its own tokens and allocates them)
     blocks/slot_i (mamba)      conv_x [R, b, K, Hm, P], conv_B / conv_C [R, b, K, G, N]
@@ -30,7 +33,8 @@ import jax.numpy as jnp
 
 from jaxlm.models.config import ModelConfig
 
-KV_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+K_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+V_AXES = ("layers", "batch", "kv_heads", "head_dim", "length")
 SSM_AXES = {"conv_x": ("layers", "batch", "conv", "ssm_heads", "head_dim"),
             "conv_B": ("layers", "batch", "conv", None, "state"),
             "conv_C": ("layers", "batch", "conv", None, "state"),
@@ -48,9 +52,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, *, allocate: bool = Fa
     slots = {}
     for slot, kind in enumerate(cfg.pattern):
         if kind == "attention":
-            shape = lead + (batch, cfg.kv_heads, length, cfg.head_size)
-            slots[f"slot_{slot}"] = ({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                                     if allocate else {})
+            k_shape = lead + (batch, cfg.kv_heads, length, cfg.head_size)
+            v_shape = lead + (batch, cfg.kv_heads, cfg.head_size, length)
+            slots[f"slot_{slot}"] = ({"k": jnp.zeros(k_shape, dtype),
+                                      "v": jnp.zeros(v_shape, dtype)} if allocate else {})
         else:
             from jaxlm.layers.ssm import init_ssm_cache
             one = init_ssm_cache(cfg.ssm, batch, dtype)
@@ -72,7 +77,7 @@ def cache_logical_axes(cfg: ModelConfig, per_repeat: bool = False) -> dict:
     drop = 1 if per_repeat else 0
     slots = {}
     for slot, kind in enumerate(cfg.pattern):
-        axes = {"k": KV_AXES, "v": KV_AXES} if kind == "attention" else dict(SSM_AXES)
+        axes = {"k": K_AXES, "v": V_AXES} if kind == "attention" else dict(SSM_AXES)
         slots[f"slot_{slot}"] = {key: names[drop:] for key, names in axes.items()}
     out = {"index": (), "segment_ids": ("batch", "length")}
     if per_repeat:

@@ -10,8 +10,9 @@ are filled with finfo(float32).min before a float32 softmax, as transformers doe
 
 Decoding (`cache=...`): the layer reads the keys/values of earlier steps from a preallocated
 cache and returns the *new* entries only; the decoder writes them for all layers at once
-(`jaxlm/models/decoder.py`). Scores against the cache and against the new tokens are two
-einsums whose results are joined before one softmax, so no step copies the cache.
+(`jaxlm/models/decoder.py`, after this layer's reads, so XLA updates the cache in place).
+Scores against the cache and against the new tokens are two einsums whose results are joined
+before one softmax, so no step copies the cache.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def dot_product_attention(q_bthk, k_bsgk, v_bsgk, mask, scale: float, dtype):
 def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale: float, dtype):
     """Attention of t new queries over the cache and the t new keys.
 
-    cache: k, v [b, g, S, k] (entries of earlier steps; heads before positions so both
-    einsums are plain batched matmuls with no transpose of the cache), segment_ids [b, S] (0:
+    cache: k [b, g, S, k] and v [b, g, k, S] (entries of earlier steps; each contracted
+    along its last axis, so neither is transposed per step), segment_ids [b, S] (0:
     padding or not yet written), index [] (columns written so far). Without 'k'/'v' nothing
     is cached yet (a prefill from an empty cache) and only the new keys are attended. A row is one sequence: a
     non-zero segment id only marks a real token. New key u is seen by new query i when u ≤ i
@@ -73,14 +74,14 @@ def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale:
         probs_bgrtu = jax.nn.softmax(new_bgrtu, axis=-1).astype(dtype)
         out_btgrk = jnp.einsum("bgrtu,bugk->btgrk", probs_bgrtu, v_btgk)
         return out_btgrk.reshape(b, t, h, k)
-    cache_k_bgsk, cache_v_bgsk = cache["k"].astype(dtype), cache["v"].astype(dtype)
+    cache_k_bgsk, cache_v_bgks = cache["k"].astype(dtype), cache["v"].astype(dtype)
     s = cache_k_bgsk.shape[2]
     old_bgrts = jnp.einsum("btgrk,bgsk->bgrts", q_btgrk, cache_k_bgsk,
                            preferred_element_type=jnp.float32)
     old_valid_bs = (cache["segment_ids"] != 0) & (jnp.arange(s) < cache["index"])[None]
     old_bgrts = jnp.where(old_valid_bs[:, None, None, None, :], old_bgrts, low)
     probs = jax.nn.softmax(jnp.concatenate([old_bgrts, new_bgrtu], axis=-1), axis=-1).astype(dtype)
-    out_btgrk = (jnp.einsum("bgrts,bgsk->btgrk", probs[..., :s], cache_v_bgsk)
+    out_btgrk = (jnp.einsum("bgrts,bgks->btgrk", probs[..., :s], cache_v_bgks)
                  + jnp.einsum("bgrtu,bugk->btgrk", probs[..., s:], v_btgk))
     return out_btgrk.reshape(b, t, h, k)
 

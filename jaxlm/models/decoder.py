@@ -19,7 +19,8 @@ collection: apply with `mutable=['router_state']` to get it back.
 Decoding: `apply(params, tokens, positions, segment_ids, cache=cache)` (cache from
 `jaxlm.infer.cache.init_cache`) runs the new tokens from the cached state and returns aux
 with 'cache' too: attention layers hand back their new keys/values, written here into the
-stacked [repeats, b, g, S, k] cache with one dynamic_update_slice per slot (in place inside a
+stacked cache (keys [repeats, b, g, S, k], values [repeats, b, g, k, S]) with one
+dynamic_update_slice per slot, ordered after the layers' reads (in place inside a
 jitted loop), Mamba layers their new conv/SSM state. An attention slot without 'k'/'v' (what
 `init_cache` gives) holds nothing yet: its layers attend among the new tokens only and its
 arrays are allocated at the first write. With variables from `unstack_layers` (one tree per
@@ -213,12 +214,7 @@ class Decoder(nn.Module):
         index = cache["index"]
         context = {"index": index, "segment_ids": cache["segment_ids"]}
         length = cache["segment_ids"].shape[1]
-        new_cache = {
-            "index": index + t,
-            "segment_ids": jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids_bt.astype(cache["segment_ids"].dtype),
-                (0, index)),
-        }
+        new_cache = {"index": index + t}
         if self.has_variable("params", "blocks_0"):  # per-repeat layout (`unstack_layers`)
             per_repeat_auxes = []
             for r in range(cfg.num_repeats):
@@ -226,9 +222,10 @@ class Decoder(nn.Module):
                 x_btd, (auxes, entries) = Block(cfg, name=name)(
                     x_btd, positions_bt, segment_ids_bt, deterministic, cache[name], context)
                 new_cache[name] = _write_entries(cfg, cache[name], entries, index, length,
-                                                 stacked=False)
+                                                 stacked=False, x_btd=x_btd)
                 per_repeat_auxes.append(auxes)
             stacked_auxes = jax.tree.map(lambda *xs: jnp.stack(xs), *per_repeat_auxes)
+            new_cache["segment_ids"] = _write_segment_ids(x_btd, cache, segment_ids_bt)
             return x_btd, new_cache, stacked_auxes
         blocks = nn.scan(
             Block,
@@ -241,7 +238,8 @@ class Decoder(nn.Module):
         x_btd, (stacked_auxes, entries) = blocks(x_btd, positions_bt, segment_ids_bt,
                                                  deterministic, cache["blocks"], context)
         new_cache["blocks"] = _write_entries(cfg, cache["blocks"], entries, index, length,
-                                             stacked=True)
+                                             stacked=True, x_btd=x_btd)
+        new_cache["segment_ids"] = _write_segment_ids(x_btd, cache, segment_ids_bt)
         return x_btd, new_cache, stacked_auxes
 
     def _logits(self, embed, x_btd):
@@ -259,10 +257,34 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(logits_btv, ("batch", "length", "vocab"))
 
 
+def _after_reads(x_btd, value, batch_axis: int = 0):
+    """`value` plus a zero computed from x_btd per row: the same numbers, but writing them
+    into the cache now comes after every read of the old cache that x_btd depends on.
+
+    Without that order XLA cannot update the cache in place: nothing ties an attention
+    layer's read of the old cache before the write of its new entries (those depend on the
+    layer's input only), so XLA copies every cache array on every decoding step (twice on
+    XLA:CPU; `optimization_barrier` does not help). The zero is per row, so a non-finite row
+    cannot spill into another row's cache."""
+    zero_b = (x_btd[:, 0, 0] * 0).astype(value.dtype)
+    shape = [1] * value.ndim
+    shape[batch_axis] = -1
+    return value + zero_b.reshape(shape)
+
+
+def _write_segment_ids(x_btd, cache: dict, segment_ids_bt):
+    """The cache's segment ids with the new tokens' written at the index, after every layer
+    has read the old ones (see `_after_reads`)."""
+    stored = cache["segment_ids"]
+    new_bt = _after_reads(x_btd, segment_ids_bt.astype(stored.dtype))
+    return jax.lax.dynamic_update_slice(stored, new_bt, (0, cache["index"]))
+
+
 def _write_entries(cfg: ModelConfig, cache: dict, entries: dict, index, length: int,
-                   stacked: bool) -> dict:
-    """The slots' new cache: attention entries [(repeats,) b, t, g, k] written into
-    [(repeats,) b, g, S, k] at columns index .. index+t (allocated if absent); Mamba slots
+                   stacked: bool, x_btd) -> dict:
+    """The slots' new cache: attention entries [(repeats,) b, t, g, k] written at columns
+    index .. index+t of keys [(repeats,) b, g, S, k] and values [(repeats,) b, g, k, S]
+    (allocated if absent), after the reads x_btd depends on (`_after_reads`); Mamba slots
     take their new state."""
     lead = 1 if stacked else 0
     out = {}
@@ -275,13 +297,18 @@ def _write_entries(cfg: ModelConfig, cache: dict, entries: dict, index, length: 
         out[name] = {}
         for key in ("k", "v"):
             entry = jnp.swapaxes(entries[name][key], lead + 1, lead + 2)  # [.., b, g, t, k]
+            if key == "v":
+                entry = jnp.swapaxes(entry, -1, -2)  # [.., b, g, k, t]
+            position_axis = entry.ndim - 1 if key == "v" else entry.ndim - 2
             stored = cache[name].get(key)
             if stored is None:  # nothing cached yet: allocate the slot's columns
-                shape = entry.shape[:lead + 2] + (length,) + entry.shape[lead + 3:]
+                shape = list(entry.shape)
+                shape[position_axis] = length
                 stored = jnp.zeros(shape, entry.dtype)
-            start = (0,) * (lead + 2) + (index, 0)
-            out[name][key] = jax.lax.dynamic_update_slice(stored, entry.astype(stored.dtype),
-                                                          start)
+            start = [0] * entry.ndim
+            start[position_axis] = index
+            entry = _after_reads(x_btd, entry.astype(stored.dtype), batch_axis=lead)
+            out[name][key] = jax.lax.dynamic_update_slice(stored, entry, start)
     return out
 
 
