@@ -121,7 +121,7 @@ def test_decode_loop_updates_the_cache_in_place(models):
     `_after_reads`), and transposes one when its layout does not suit the matmul."""
     model, variables, gen = models("llama")
     cache_len = 8 + NEW
-    program = gen._program(NEW, Sampling(0.0, 0, 1.0, 0), cache_len)
+    program = gen._program(NEW, Sampling(), cache_len)  # greedy
     text = program.lower(gen.variables, np.zeros((1, 8), np.int32), np.ones(1, np.int32),
                          np.full((1, 1), -1, np.int32), jax.random.key(0)).compile().as_text()
     body = _while_body_hlo(text)

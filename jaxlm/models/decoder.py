@@ -297,9 +297,9 @@ def _write_entries(cfg: ModelConfig, cache: dict, entries: dict, index, length: 
         out[name] = {}
         for key in ("k", "v"):
             entry = jnp.swapaxes(entries[name][key], lead + 1, lead + 2)  # [.., b, g, t, k]
-            if key == "v":
-                entry = jnp.swapaxes(entry, -1, -2)  # [.., b, g, k, t]
-            position_axis = entry.ndim - 1 if key == "v" else entry.ndim - 2
+            position_axis = entry.ndim - 2
+            if key == "v":  # [.., b, g, k, t]
+                entry, position_axis = jnp.swapaxes(entry, -1, -2), entry.ndim - 1
             stored = cache[name].get(key)
             if stored is None:  # nothing cached yet: allocate the slot's columns
                 shape = list(entry.shape)
