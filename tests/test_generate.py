@@ -16,6 +16,7 @@ import pytest
 from jaxlm.infer.cache import init_cache
 from jaxlm.infer.decode import Generator, Sampling
 from jaxlm.infer.generate import generate_uncached
+from jaxlm.infer.sampling import first_max_index, sample_token
 from jaxlm.layers.moe import MoEConfig
 from jaxlm.layers.rotary import RopeConfig
 from jaxlm.layers.ssm import SSMConfig
@@ -140,6 +141,23 @@ def test_top_k_one_equals_greedy(models):
     greedy = gen(PROMPTS, NEW)
     assert gen(PROMPTS, NEW, temperature=1.5, top_k=1, seed=7) == greedy
     assert gen(PROMPTS, NEW, temperature=1.5, top_p=1e-6, seed=7) == greedy
+
+
+def test_first_max_index_is_numpy_argmax():
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=300), np.full(300, -np.inf), np.zeros(300),
+            np.where(np.arange(300) % 7 == 3, 2.0, rng.normal(size=300)),  # ties: lowest id
+            np.where(np.isin(np.arange(300), [40, 9]), np.nan, rng.normal(size=300))]
+    x = np.stack(rows).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_max_index)(x)), np.argmax(x, -1))
+
+
+def test_temperature_sampling_is_jax_categorical():
+    logits = jax.random.normal(jax.random.key(0), (4, 500)) * 3
+    for seed in range(5):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(sample_token(logits, key, 0.7)),
+                                      np.asarray(jax.random.categorical(key, logits / 0.7)))
 
 
 def test_sampling_is_reproducible_by_seed(models):
