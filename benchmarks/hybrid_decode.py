@@ -8,13 +8,13 @@ D512, 8 heads / 2 kv heads of 64, 32 experts top-4 of I256 + a shared expert of 
 heads 16 × P64, N64, V32000.
 
 Decoding uses the cached forward pass of `jaxlm.infer` exactly as its `Generator` does
-(`init_cache`, per-repeat weights from `unstack_layers`, `model.apply(..., cache=...)`): one
-jitted prefill of L random tokens fills the cache, then one jitted program runs N greedy
-one-token steps in a `fori_loop` from that cache. Only the N-step program is timed (a
-Generator call's prefill at 8k takes ~50 s here and its noise swamps N steps when the two are
-subtracted). Contexts are timed in interleaved rounds and the best round of each is kept: the
-CPU is shared with other jobs (`load_average` is printed). Prints ONE JSON line; the key
-`ratio_8k_over_512` (per-token time at 8192 over 512) is the acceptance figure.
+(`init_cache`, per-repeat weights from `unstack_layers` + `transpose_for_decoding`,
+`model.apply(..., cache=...)`): one jitted prefill of L random tokens fills the cache, then one
+jitted program runs N greedy one-token steps in a `fori_loop` from that cache. Only the N-step
+program is timed (a Generator call's prefill at 8k takes ~50 s here and its noise swamps N steps
+when the two are subtracted). Contexts are timed in interleaved rounds and the best round of
+each is kept: the CPU is shared with other jobs (`load_average` is printed). Prints ONE JSON
+line; the key `ratio_8k_over_512` (per-token time at 8192 over 512) is the acceptance figure.
 
     python benchmarks/hybrid_decode.py [--contexts 512 8192] [--new_tokens 64] [--rounds 3]
 """
@@ -39,7 +39,8 @@ from jaxlm.infer.cache import init_cache  # noqa: E402
 from jaxlm.layers.moe import MoEConfig  # noqa: E402
 from jaxlm.layers.ssm import SSMConfig  # noqa: E402
 from jaxlm.models import presets  # noqa: E402
-from jaxlm.models.decoder import Decoder, init_params, unstack_layers  # noqa: E402
+from jaxlm.models.decoder import (  # noqa: E402
+    Decoder, init_params, transpose_for_decoding, unstack_layers)
 
 
 def bench_config(max_len: int):
@@ -76,7 +77,7 @@ def main():
     cfg = bench_config(max(args.contexts) + n + 1)
     model = Decoder(cfg)
     params = nn.unbox(init_params(model, jax.random.key(0)))
-    variables = unstack_layers({"params": params}, cfg)  # the Generator's decoding layout
+    variables = transpose_for_decoding(unstack_layers({"params": params}, cfg))  # as Generator
     rng = np.random.default_rng(0)
 
     @jax.jit

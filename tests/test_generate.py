@@ -200,8 +200,9 @@ def test_sharded_mesh_equals_single_device(models, devices):
     model, variables, gen = models("llama")
     mesh = make_mesh(data=2, tensor=2, devices=devices[:4])
     sharded = Generator(model, variables, mesh=mesh, prompt_bucket=8, compiler_options=FAST)
-    q = sharded.variables["params"]["blocks_0"]["slot_0"]["attention"]["q_proj"]["kernel"]
-    assert q.sharding.spec[1] == "tensor"
+    attention = sharded.variables["params"]["blocks_0"]["slot_0"]["attention"]
+    assert attention["q_proj"]["kernel_t"].sharding.spec[0] == "tensor"  # [heads, head_dim, d]
+    assert attention["o_proj"]["kernel_t"].sharding.spec[1] == "tensor"  # [d, heads, head_dim]
     assert sharded(PROMPTS, NEW) == gen(PROMPTS, NEW)
 
 

@@ -12,6 +12,7 @@ from jaxlm.layers.attention import Attention
 from jaxlm.layers.mlp import SwiGLU
 from jaxlm.layers.norms import LayerNorm, RMSNorm
 from jaxlm.layers.rotary import RopeConfig, apply_rotary, inverse_frequencies, rope_cos_sin
+from jaxlm.models.decoder import transpose_for_decoding
 
 RNG = np.random.default_rng(0)
 
@@ -224,3 +225,28 @@ def test_swiglu_matches_float64():
     u = x64 @ p["up_proj"]["kernel"]
     ref = (g / (1 + np.exp(-g)) * u) @ p["down_proj"]["kernel"]
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("module, args", [
+    (Attention(4, 2, 8, rope=RopeConfig(), qkv_bias=True, out_bias=True), ("x", "pos")),
+    (SwiGLU(48, use_bias=True), ("x",)),
+])
+def test_decoding_layout_kernels_match_float64_reference(module, args):
+    """The [out, in] `kernel_t` that `transpose_for_decoding` stores computes what the trained
+    [in, out] `kernel` computes (against the float64 references above)."""
+    x = RNG.normal(size=(2, 6, 32)).astype(np.float32)
+    inputs = {"x": jnp.asarray(x), "pos": jnp.broadcast_to(jnp.arange(6), (2, 6))}
+    out, p = init_apply(module, *(inputs[a] for a in args))
+    decoding = transpose_for_decoding({"params": p})
+    assert "kernel" not in str(jax.tree_util.tree_structure(decoding)).replace("kernel_t", "")
+    out_t = module.apply(decoding, *(inputs[a] for a in args))
+    x64 = x.astype(np.float64)
+    if isinstance(module, Attention):
+        ref = np_attention(x64, p, 4, 2, 8, np.asarray(inputs["pos"]),
+                           rope_inv=base_inv(8, 10000.0)) + p["o_proj"]["bias"]
+    else:
+        g = x64 @ p["gate_proj"]["kernel"] + p["gate_proj"]["bias"]
+        u = x64 @ p["up_proj"]["kernel"] + p["up_proj"]["bias"]
+        ref = (g / (1 + np.exp(-g)) * u) @ p["down_proj"]["kernel"] + p["down_proj"]["bias"]
+    assert rel_err(out_t, ref) < 1e-5
+    assert rel_err(out_t, out) < 1e-6

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.infer.cache import constrain_cache, init_cache
 from jaxlm.infer.sampling import sample_token
-from jaxlm.models.decoder import unstack_layers
+from jaxlm.models.decoder import transpose_for_decoding, unstack_layers
 
 NO_TOKEN = -1  # output fill after a row has stopped, and stop-list padding
 
@@ -65,7 +65,7 @@ def decode_program(model, max_new_tokens: int, sampling: Sampling, cache_len: in
                    per_repeat: bool = False):
     """fn(variables, tokens [b, p] left-padded, lengths [b], stop [b, n_stop], rng) ->
     new tokens [b, max_new_tokens] int32, NO_TOKEN after a row's stop token. `per_repeat`:
-    the variables are in `unstack_layers` layout."""
+    the variables are in the decoding layout (`unstack_layers`, then `transpose_for_decoding`)."""
     cfg = model.cfg
     n = max_new_tokens
 
@@ -143,6 +143,7 @@ def variable_shardings(model, variables: dict, mesh: Mesh, rules,
                                    is_leaf=lambda x: isinstance(x, P))
                 tree.update({f"blocks_{r}": one for r in range(model.cfg.num_repeats)})
             specs[name] = tree
+        specs = transpose_for_decoding(specs, lambda spec, axes: P(*(spec[i] for i in axes)))
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
@@ -153,10 +154,11 @@ class Generator:
                  prompt_bucket: int = 64, per_repeat: bool = True,
                  compiler_options: Optional[dict] = None):
         """per_repeat: keep one weight tree per repeat of the layer pattern (see
-        `unstack_layers`): faster steps on XLA:CPU, compile time growing with depth. False
-        keeps the stacked weights and the scanned layer stack. compiler_options: passed to
-        `jax.jit` on top of `_backend_options()` (tests use {'xla_backend_optimization_level': 0}
-        for faster compiles)."""
+        `unstack_layers`) with the projections' kernels stored [out, in] (see
+        `transpose_for_decoding`): faster steps on XLA:CPU, compile time growing with depth.
+        False keeps the stacked weights as trained and the scanned layer stack.
+        compiler_options: passed to `jax.jit` on top of `_backend_options()` (tests use
+        {'xla_backend_optimization_level': 0} for faster compiles)."""
         if prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={prompt_bucket}: expected >= 1")
         self.model = model
@@ -167,7 +169,7 @@ class Generator:
         self.compiler_options = dict(_backend_options(), **(compiler_options or {})) or None
         variables = nn.unbox(dict(variables))
         if per_repeat:
-            variables = unstack_layers(variables, self.cfg)
+            variables = transpose_for_decoding(unstack_layers(variables, self.cfg))
         if mesh is not None:
             from jaxlm.parallel.rules import DEFAULT_RULES
             self.rules = tuple(rules) if rules is not None else DEFAULT_RULES

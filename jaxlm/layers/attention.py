@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.layers.mlp import matmul_transposed, transposed_kernel
 from jaxlm.layers.norms import LayerNorm
 from jaxlm.layers.rotary import RopeConfig, apply_rotary, rope_cos_sin, rotary_dim
 
@@ -87,7 +88,8 @@ def cached_attention(q_bthk, k_btgk, v_btgk, cache: dict, segment_ids_bt, scale:
 
 
 class HeadProjection(nn.Module):
-    """x [b, t, d] -> [b, t, heads, head_dim]; kernel [d, heads, head_dim] (+ bias [heads, head_dim])."""
+    """x [b, t, d] -> [b, t, heads, head_dim]; kernel [d, heads, head_dim] (or kernel_t
+    [heads, head_dim, d], see `transposed_kernel`) (+ bias [heads, head_dim])."""
 
     heads: int
     head_dim: int
@@ -100,10 +102,17 @@ class HeadProjection(nn.Module):
     @nn.compact
     def __call__(self, x_btd):
         axes = ("embed", self.heads_axis, "head_dim")
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.init_std), axes),
-            (x_btd.shape[-1], self.heads, self.head_dim), self.param_dtype)
-        y_bthk = jnp.einsum("btd,dhk->bthk", x_btd, kernel.astype(self.dtype))
+        kernel_t = transposed_kernel(self)
+        if kernel_t is not None:
+            b, t, d = x_btd.shape
+            kernel_t = kernel_t.reshape(self.heads * self.head_dim, d).astype(self.dtype)
+            y_bthk = matmul_transposed(x_btd.reshape(b * t, d), kernel_t)
+            y_bthk = y_bthk.reshape(b, t, self.heads, self.head_dim)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_std), axes),
+                (x_btd.shape[-1], self.heads, self.head_dim), self.param_dtype)
+            y_bthk = jnp.einsum("btd,dhk->bthk", x_btd, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                               (self.heads, self.head_dim), self.param_dtype)
@@ -112,7 +121,8 @@ class HeadProjection(nn.Module):
 
 
 class OutProjection(nn.Module):
-    """[b, t, heads, head_dim] -> [b, t, features]; kernel [heads, head_dim, features]."""
+    """[b, t, heads, head_dim] -> [b, t, features]; kernel [heads, head_dim, features] (or
+    kernel_t [features, heads, head_dim], see `transposed_kernel`)."""
 
     features: int
     use_bias: bool = False
@@ -123,10 +133,17 @@ class OutProjection(nn.Module):
     @nn.compact
     def __call__(self, x_bthk):
         _, _, h, k = x_bthk.shape
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.normal(self.init_std), ("heads", "head_dim", "embed")),
-            (h, k, self.features), self.param_dtype)
-        y_btd = jnp.einsum("bthk,hkd->btd", x_bthk, kernel.astype(self.dtype))
+        kernel_t = transposed_kernel(self)
+        if kernel_t is not None:
+            b, t = x_bthk.shape[:2]
+            kernel_t = kernel_t.reshape(self.features, h * k).astype(self.dtype)
+            y_btd = matmul_transposed(x_bthk.reshape(b * t, h * k), kernel_t)
+            y_btd = y_btd.reshape(b, t, self.features)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_std), ("heads", "head_dim", "embed")),
+                (h, k, self.features), self.param_dtype)
+            y_btd = jnp.einsum("bthk,hkd->btd", x_bthk, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    ("embed",)),

@@ -332,6 +332,42 @@ def unstack_layers(variables: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# The projections a one-token step reads as matrix-vector products (attention, dense SwiGLU, MoE
+# shared experts), by module name, with the number of leading input axes of each kernel.
+DECODE_KERNEL_INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2,
+                            "gate_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+def transpose_for_decoding(tree, permute=None):
+    """Every `kernel` of the modules in DECODE_KERNEL_INPUT_AXES -> `kernel_t`, its input axes
+    moved last (q_proj [d, h, k] -> [h, k, d], o_proj [h, k, d] -> [d, h, k]); the modules
+    contract `kernel_t` directly (`jaxlm.layers.mlp.transposed_kernel`).
+
+    For decoding only, on per-repeat variables (`unstack_layers`: no leading `layers` axis):
+    XLA:CPU streams an [out, in] matrix through a matrix-vector product faster than an
+    [in, out] one (bench-small decode +10%, benchmarks/decode.py). `permute(leaf, axes)`
+    transposes one leaf (default: arrays; pass one for PartitionSpecs)."""
+    permute = permute or (lambda x, axes: jnp.transpose(x, axes))
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for name, child in node.items():
+            n_in = DECODE_KERNEL_INPUT_AXES.get(name)
+            if n_in and isinstance(child, dict) and "kernel" in child:
+                child = dict(child)
+                kernel = child.pop("kernel")
+                rank = len(getattr(kernel, "shape", kernel))
+                child["kernel_t"] = permute(kernel, tuple(range(n_in, rank)) + tuple(range(n_in)))
+                out[name] = child
+            else:
+                out[name] = walk(child)
+        return out
+
+    return walk(tree)
+
+
 def build_model(cfg: ModelConfig) -> Decoder:
     return Decoder(cfg)
 
