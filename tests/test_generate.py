@@ -117,7 +117,7 @@ def _while_body_hlo(compiled_text: str) -> str:
 
 
 def test_decode_loop_updates_the_cache_in_place(models):
-    """No cache array is copied or transposed inside the decoding loop: XLA copies them
+    """No cache array or weight is copied or transposed inside the decoding loop: XLA copies them
     on every step when a write is not ordered after the attention reads (decoder
     `_after_reads`), and transposes one when its layout does not suit the matmul."""
     model, variables, gen = models("llama")
@@ -134,6 +134,16 @@ def test_decode_loop_updates_the_cache_in_place(models):
              if " copy(" in line or " transpose(" in line or "copy_" in line.split("=")[0]]
     cache_moves = [m for m in moves if any(shape in m.split("=")[1][:40] for shape in shapes)]
     assert not cache_moves, "\n".join(cache_moves)
+    # nor is a weight: the [out, in] kernel_t of every projection is read as stored (a 3-D
+    # kernel_t einsum made XLA transpose q/k/v/o back to [in, out] on every step)
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(gen.variables)
+               if "kernel_t" in jax.tree_util.keystr(path)]
+    assert len(kernels) == 7 * cfg.num_layers
+    weight_shapes = {f"f32[{a},{b}]" for x in kernels
+                     for a, b in [(x.shape[0], x.size // x.shape[0]),
+                                  (x.size // x.shape[-1], x.shape[-1])]}
+    weight_moves = [m for m in moves if m.split("=")[1].split()[0].split("{")[0] in weight_shapes]
+    assert not weight_moves, "\n".join(weight_moves)
 
 
 def test_top_k_one_equals_greedy(models):
