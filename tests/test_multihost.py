@@ -162,3 +162,41 @@ def test_cluster_auto_detection(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1")
     assert distributed.cluster_environment() == "tpu"
+
+
+def test_two_process_eval_equals_one_process(two_process_run):
+    """`--mode eval` across the two processes (perplexity on the global mesh, generation on
+    process 0) prints, from process 0 only, the line one 8-device process prints."""
+    workdir, _ = two_process_run
+    flags = ["--mode", "eval", "--workdir", workdir, "--humaneval_limit=2", "--infill_limit=1",
+             "--eval_workers=1"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    launch = [sys.executable, os.path.join(ROOT, "experiments", "launch.py"), *flags]
+    coordinator = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
+    procs = [subprocess.Popen(launch + coordinator + ["--process_id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=ROOT) for i in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=400) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert "{" not in outputs[1][0]  # the JSON line comes from process 0 only (gloo prints)
+    two = json.loads(outputs[0][0].strip().splitlines()[-1])
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+               "--xla_backend_optimization_level=0")
+    single = subprocess.run(launch + ["--distributed", "off"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert two["step"] == one["step"] == STEPS
+    assert two["humaneval_problems"] == one["humaneval_problems"] == 2
+    assert two["infill_tasks"] == one["infill_tasks"] > 0
+    for key in ("eval_loss", "perplexity", "bits_per_byte", "humaneval_pass@1",
+                "infill_exact_match", "unigram_loss"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)

@@ -68,6 +68,7 @@ def run(ctx) -> None:
         generator_kwargs=dict(mesh=run_.mesh, rules=run_.rules),
         perplexity_kwargs=dict(
             put=lambda b: distributed.replicated_batch(b, run_.batch_sharding),
+            get=distributed.to_host,
             tracing_context=lambda: sharding.activation_sharding(run_.mesh, run_.rules)),
         log=progress if distributed.is_main_process() else lambda message: None)
     if not single and (f.humaneval_limit != 0 or f.infill_limit != 0):

@@ -36,11 +36,14 @@ def _target_nats(model, variables, batch):
 
 
 def perplexity(model, variables: dict, batches: Iterable[dict], tokenizer, *,
-               put=None, tracing_context=None) -> dict:
+               put=None, get=None, tracing_context=None) -> dict:
     """Perplexity and bits per byte of `model` on `batches` (see the module docstring).
 
     put: places a host batch on devices (e.g. with the mesh's batch sharding; default:
-    as is); tracing_context: a context manager factory for the logical-axis rules.
+    as is); get: brings the per-token results back to the host (default jax.device_get; a
+    multi-process run passes `jaxlm.parallel.distributed.to_host`, since no process can read
+    the others' devices); tracing_context: a context manager factory for the logical-axis
+    rules.
     """
     nats, tokens, text_bytes = 0.0, 0.0, 0.0
     for batch in batches:
@@ -54,7 +57,7 @@ def perplexity(model, variables: dict, batches: Iterable[dict], tokenizer, *,
                 per_token = _target_nats(model, variables, device_batch)
         else:
             per_token = _target_nats(model, variables, device_batch)
-        per_token = np.asarray(jax.device_get(per_token), np.float64)
+        per_token = np.asarray((get or jax.device_get)(per_token), np.float64)
         nats += float((per_token * mask).sum())
         tokens += float(mask.sum())
         text_bytes += float((tokenizer.bytes_per_token(np.asarray(batch["targets"])) * mask).sum())
