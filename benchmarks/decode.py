@@ -17,7 +17,7 @@ row), so tokens/s ≤ memory read bandwidth / weight bytes per token. Prints one
 * bandwidth_fraction: decode tokens/s × weight bytes per token / memory read bandwidth, both
   measured in the same round (back to back), the median over rounds (each round's figure in
   bandwidth_fraction_per_round; bandwidth_fraction_end_to_end uses whole calls). The machine's
-  bandwidth drifts with its neighbours (36-47 GB/s between runs here, with brief 60+ GB/s
+  bandwidth drifts with its neighbours (36-50 GB/s between runs here, with brief 60+ GB/s
   spikes a 15 ms read kernel catches and a 0.6 s decode cannot), so a ratio of figures taken
   at the same time is the stable one; bandwidth_fraction_best_of_rounds divides the best
   decode rate by the best bandwidth seen in any round (the stricter, noisier figure);
