@@ -115,16 +115,6 @@ def decode_program(model, max_new_tokens: int, sampling: Sampling, cache_len: in
     return program
 
 
-def _backend_options() -> dict:
-    """XLA options for the decode program on this backend. On CPU, the concurrency-optimised
-    scheduler: a one-token step is ~270 small ops (7 matrix-vector products per layer) and
-    lets independent ones (q/k/v, gate/up) overlap on the thread pool; measured +1-6% tokens/s
-    at bench-small (benchmarks/decode.py)."""
-    if jax.default_backend() == "cpu":
-        return {"xla_cpu_enable_concurrency_optimized_scheduler": True}
-    return {}
-
-
 def variable_shardings(model, variables: dict, mesh: Mesh, rules,
                        per_repeat: bool = False) -> dict:
     """NamedShardings of `variables` from the logical names `init` gives them (the rules
@@ -157,8 +147,8 @@ class Generator:
         `unstack_layers`) with the projections' kernels stored [out, in] (see
         `transpose_for_decoding`): faster steps on XLA:CPU, compile time growing with depth.
         False keeps the stacked weights as trained and the scanned layer stack.
-        compiler_options: passed to `jax.jit` on top of `_backend_options()` (tests use
-        {'xla_backend_optimization_level': 0} for faster compiles)."""
+        compiler_options: passed to `jax.jit` (tests use {'xla_backend_optimization_level': 0}
+        for faster compiles)."""
         if prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={prompt_bucket}: expected >= 1")
         self.model = model
@@ -166,7 +156,7 @@ class Generator:
         self.mesh = mesh
         self.prompt_bucket = prompt_bucket
         self.per_repeat = per_repeat
-        self.compiler_options = dict(_backend_options(), **(compiler_options or {})) or None
+        self.compiler_options = compiler_options
         variables = nn.unbox(dict(variables))
         if per_repeat:
             variables = transpose_for_decoding(unstack_layers(variables, self.cfg))
