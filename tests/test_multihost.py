@@ -38,31 +38,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("multihost") / "run")
+LAUNCH = [sys.executable, os.path.join(ROOT, "experiments", "launch.py")]
+
+
+def launch_env(devices: int) -> dict:
+    """This environment with `devices` host devices; LLVM optimisation off (much faster
+    compiles, the same SPMD partitioning)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # LLVM optimisation off: much faster compiles; the SPMD partitioning is unchanged.
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    command = [sys.executable, os.path.join(ROOT, "experiments", "launch.py"), "--config",
-               os.path.join(ROOT, "experiments", "configs", "quickstart.py"), "--workdir",
-               workdir, *OVERRIDES, "--coordinator", f"127.0.0.1:{free_port()}",
-               "--num_processes", "2"]
+    return env
+
+
+def run_two_processes(args: list) -> list[str]:
+    """`launch.py args` as two processes of 4 devices on 127.0.0.1; each one's stdout (both
+    must exit 0)."""
+    command = LAUNCH + args + ["--coordinator", f"127.0.0.1:{free_port()}",
+                               "--num_processes", "2"]
     procs = [subprocess.Popen(command + ["--process_id", str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                              stderr=subprocess.PIPE, text=True, env=launch_env(4), cwd=ROOT)
              for i in range(2)]
-    outputs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=400))
+        outputs = [proc.communicate(timeout=400) for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    return workdir, [out for out, _ in outputs]
+    return [out for out, _ in outputs]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("multihost") / "run")
+    config = os.path.join(ROOT, "experiments", "configs", "quickstart.py")
+    return workdir, run_two_processes(["--config", config, "--workdir", workdir, *OVERRIDES])
 
 
 @pytest.fixture(scope="module")
@@ -170,28 +181,11 @@ def test_two_process_eval_equals_one_process(two_process_run):
     workdir, _ = two_process_run
     flags = ["--mode", "eval", "--workdir", workdir, "--humaneval_limit=2", "--infill_limit=1",
              "--eval_workers=1"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    launch = [sys.executable, os.path.join(ROOT, "experiments", "launch.py"), *flags]
-    coordinator = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
-    procs = [subprocess.Popen(launch + coordinator + ["--process_id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=ROOT) for i in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=400) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-    assert "{" not in outputs[1][0]  # the JSON line comes from process 0 only (gloo prints)
-    two = json.loads(outputs[0][0].strip().splitlines()[-1])
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-               "--xla_backend_optimization_level=0")
-    single = subprocess.run(launch + ["--distributed", "off"], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=400)
+    out0, out1 = run_two_processes(flags)
+    assert "{" not in out1  # the JSON line comes from process 0 only (gloo prints)
+    two = json.loads(out0.strip().splitlines()[-1])
+    single = subprocess.run(LAUNCH + flags + ["--distributed", "off"], capture_output=True,
+                            text=True, env=launch_env(8), cwd=ROOT, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]
     one = json.loads(single.stdout.strip().splitlines()[-1])
     assert two["step"] == one["step"] == STEPS

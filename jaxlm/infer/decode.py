@@ -156,7 +156,7 @@ class Generator:
         self.mesh = mesh
         self.prompt_bucket = prompt_bucket
         self.per_repeat = per_repeat
-        self.compiler_options = compiler_options
+        self.compiler_options = dict(compiler_options or {}) or None
         variables = nn.unbox(dict(variables))
         if per_repeat:
             variables = transpose_for_decoding(unstack_layers(variables, self.cfg))
